@@ -1,0 +1,208 @@
+"""The config schema, its derived values, and up-front validation.
+
+Every experiment config starts from ``base_config()`` so that all keys are known; the
+config files set values and derive the rest (scaled LR, step counts) with
+``ml_collections.FieldReference``s, which stay consistent under command-line overrides.
+"""
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from effjax.data import AUGMENTATIONS, SPECS
+from effjax.distributed import INITIALIZE_MODES
+from effjax.models import MODELS, NORMS
+from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
+                          scale_learning_rate)
+from effjax.parallel import PARALLEL_MODES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message is one line naming the value and what is allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults. Experiment configs modify a copy of it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128          # The global batch, over all devices and processes.
+  c.eval_batch_size = 1024    # Global; the last batch is padded and masked.
+  c.num_epochs = 10.0
+  c.label_smoothing = 0.0
+  c.compute_dtype = "float32"
+  c.parallel = "shard_map"
+  c.log_every = 50
+  c.eval_every_epochs = 1.0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "mnist1d"
+  c.dataset.data_dir = ""     # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.dataset.num_examples = 5000  # mnist1d only: examples generated in all (80/20 split).
+  c.dataset.num_train_examples = 4000  # Must match the train split; drives step counts.
+  c.dataset.train_split = ""  # '' means the dataset's default.
+  c.dataset.eval_split = ""
+
+  c.input = ml_collections.ConfigDict()
+  c.input.augment = "default"  # 'default' means the dataset's; or one of AUGMENTATIONS.
+  c.input.num_threads = 2
+  c.input.num_workers = 0     # > 0: preprocessing in worker processes.
+  c.input.host_prefetch = 4   # Batches grain prepares ahead.
+  c.input.device_prefetch = 2  # Batches placed on the devices ahead of the step.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn1d"
+  c.model.norm = "batch"
+  c.model.widths = (64, 128, 128)
+  c.model.kernel_size = 5
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "momentum"
+  c.optimizer.base_learning_rate = 0.1
+  c.optimizer.base_batch_size = 256
+  c.optimizer.scaling_rule = "linear"
+  c.optimizer.learning_rate = 0.05  # Derived in configs with scale_learning_rate.
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.weight_decay_mask = "ndim>1"
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.decay = "cosine"
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.init_value = 0.0
+  c.schedule.end_value = 0.0
+  c.schedule.power = 2.0
+  c.schedule.decay_fraction = 0.1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0   # 0: only at the end.
+  c.checkpoint.max_to_keep = 3
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.cpu_collectives = "gloo"
+
+  c.dry_run_devices = 0  # --dry_run only: size the step for this many devices (0: actual).
+  derive(c)
+  return c
+
+
+def derive(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """(Re)links the derived fields to the values they depend on.
+
+  ``steps_per_epoch``, ``num_train_steps``, ``schedule.warmup_steps``,
+  ``eval_every_steps`` and ``optimizer.learning_rate`` (from ``scale_learning_rate``)
+  become FieldReferences, so ``--config.batch_size=...`` rescales them all.
+  """
+  o = c.optimizer
+  rule = o.scaling_rule
+  if rule not in SCALING_RULES:
+    raise ConfigError(f"optimizer.scaling_rule={rule!r} is not one of {SCALING_RULES}")
+  c.steps_per_epoch = (c.dataset.get_ref("num_train_examples") // c.get_ref("batch_size"))
+  c.num_train_steps = (c.get_ref("num_epochs") * c.get_ref("steps_per_epoch")).to_int()
+  c.schedule.warmup_steps = (c.schedule.get_ref("warmup_epochs")
+                             * c.get_ref("steps_per_epoch")).to_int()
+  c.eval_every_steps = (c.get_ref("eval_every_epochs") * c.get_ref("steps_per_epoch")).to_int()
+  o.learning_rate = scale_learning_rate(o.get_ref("base_learning_rate"), c.get_ref("batch_size"),
+                                        o.get_ref("base_batch_size"), rule)
+  return c
+
+
+def _check_choice(name: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{name}={value!r} is not one of {tuple(allowed)}")
+
+
+def _check_positive(name: str, value: Any, integer: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+  ok = ok and math.isfinite(value) and (not integer or float(value).is_integer())
+  if not ok:
+    raise ConfigError(f"{name}={value!r} must be a positive {'integer' if integer else 'number'}")
+
+
+def _flat_keys(c, prefix=""):
+  for k, v in c.items():
+    if isinstance(v, (ml_collections.ConfigDict, config_dict.FrozenConfigDict)):
+      yield from _flat_keys(v, prefix + k + ".")
+    else:
+      yield prefix + k
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks every value before anything expensive or destructive happens.
+
+  Args:
+    c: the experiment config.
+    num_devices: if given, the global batch must divide evenly over this many devices.
+
+  Raises:
+    ConfigError: with a one-line message naming the bad value and what is allowed.
+  """
+  unknown = sorted(set(_flat_keys(c)) - set(_flat_keys(base_config())))
+  if unknown:
+    raise ConfigError(f"unknown config key {unknown[0]!r}; see effjax.config.base_config() "
+                      "for the allowed keys")
+  _check_choice("dataset.name", c.dataset.name, SPECS)
+  _check_choice("model.name", c.model.name, MODELS)
+  _check_choice("model.norm", c.model.norm, NORMS)
+  _check_choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
+  _check_choice("optimizer.scaling_rule", c.optimizer.scaling_rule, SCALING_RULES)
+  _check_choice("optimizer.weight_decay_mask", c.optimizer.weight_decay_mask, WEIGHT_DECAY_MASKS)
+  _check_choice("schedule.decay", c.schedule.decay, DECAYS)
+  _check_choice("parallel", c.parallel, PARALLEL_MODES)
+  _check_choice("compute_dtype", c.compute_dtype, COMPUTE_DTYPES)
+  _check_choice("input.augment", c.input.augment, ("default",) + AUGMENTATIONS)
+  _check_choice("distributed.initialize", c.distributed.initialize, INITIALIZE_MODES)
+  for name in ("batch_size", "eval_batch_size", "log_every", "dataset.num_examples",
+               "dataset.num_train_examples", "checkpoint.max_to_keep", "input.num_threads",
+               "input.device_prefetch", "input.host_prefetch"):
+    _check_positive(name, c[name] if "." not in name else c[name.split(".")[0]][name.split(".")[1]],
+                    integer=True)
+  for name, value in (("num_epochs", c.num_epochs), ("eval_every_epochs", c.eval_every_epochs),
+                      ("optimizer.base_learning_rate", c.optimizer.base_learning_rate),
+                      ("optimizer.learning_rate", c.optimizer.learning_rate),
+                      ("optimizer.base_batch_size", c.optimizer.base_batch_size)):
+    _check_positive(name, value)
+  expected = scale_learning_rate(c.optimizer.base_learning_rate, c.batch_size,
+                                 c.optimizer.base_batch_size, c.optimizer.scaling_rule)
+  if not math.isclose(c.optimizer.learning_rate, expected, rel_tol=1e-6):
+    raise ConfigError(
+        f"optimizer.learning_rate={c.optimizer.learning_rate!r} does not follow "
+        f"scaling_rule={c.optimizer.scaling_rule!r} (expected {expected:g} for batch_size="
+        f"{c.batch_size}); set optimizer.base_learning_rate instead")
+  if c.optimizer.weight_decay < 0:
+    raise ConfigError(f"optimizer.weight_decay={c.optimizer.weight_decay!r} must be >= 0")
+  if not 0 <= c.label_smoothing < 1:
+    raise ConfigError(f"label_smoothing={c.label_smoothing!r} must be in [0, 1)")
+  if c.steps_per_epoch < 1:
+    raise ConfigError(f"batch_size={c.batch_size} is larger than the "
+                      f"{c.dataset.num_train_examples} training examples")
+  if c.num_train_steps < 1:
+    raise ConfigError(f"num_epochs={c.num_epochs} gives {c.num_train_steps} training steps; "
+                      "it must give at least 1")
+  if c.schedule.warmup_epochs < 0 or c.schedule.warmup_steps > c.num_train_steps:
+    raise ConfigError(f"schedule.warmup_epochs={c.schedule.warmup_epochs} gives "
+                      f"{c.schedule.warmup_steps} warmup steps; allowed: 0 to num_train_steps="
+                      f"{c.num_train_steps}")
+  if c.checkpoint.every_steps < 0:
+    raise ConfigError(f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0")
+  if c.input.num_workers < 0:
+    raise ConfigError(f"input.num_workers={c.input.num_workers} must be >= 0")
+  if c.dataset.data_dir and os.path.exists(c.dataset.data_dir) and not os.path.isdir(
+      c.dataset.data_dir):
+    raise ConfigError(f"dataset.data_dir={c.dataset.data_dir!r} is a file, not a directory")
+  if num_devices:
+    for name in ("batch_size", "eval_batch_size"):
+      if c[name] % num_devices:
+        raise ConfigError(f"{name}={c[name]} is not divisible by the {num_devices} devices; "
+                          f"use a multiple of {num_devices}")

@@ -1,0 +1,9 @@
+"""Datasets (TFDS builders, catalogue) and grain input pipelines."""
+
+from effjax.data.builders import Digits, Mnist1d, mnist1d_config
+from effjax.data.datasets import (ArraySource, DatasetError, DatasetSpec, EMBEDDED, SPECS,
+                                  RecordSource, default_data_dir, get_builder, get_spec,
+                                  load_split)
+from effjax.data.pipeline import (BatchIndices, Prefetcher, eval_batches, make_train_iterator,
+                                  num_eval_batches, train_dataset)
+from effjax.data.preprocess import AUGMENTATIONS, make_preprocess_fn

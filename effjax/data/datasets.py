@@ -1,0 +1,191 @@
+"""The dataset catalogue: embedded builders plus any TFDS dataset prepared in a ``data_dir``."""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+tfds.disable_progress_bar()
+
+from effjax.data import builders
+from effjax.data import preprocess as pp
+
+EMBEDDED = ("mnist1d", "digits")
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be found or read; the message names it and the data_dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How effjax reads one dataset.
+
+  Attributes:
+    input_key, label_key: feature names in the TFDS records.
+    kind: input kind for ``preprocess.make_preprocess_fn``.
+    input_shape: the model's per-example input shape after preprocessing.
+    train_split, eval_split: TFDS split names.
+    in_memory: load the whole split into host memory (small datasets), instead of reading
+      records by random access from array_record files.
+    augment: default train augmentation.
+    mean, std: per-channel statistics for image inputs.
+  """
+  input_key: str
+  label_key: str
+  kind: str
+  input_shape: tuple[int, ...]
+  train_split: str = "train"
+  eval_split: str = "test"
+  in_memory: bool = False
+  augment: str = "none"
+  mean: Optional[tuple[float, ...]] = None
+  std: Optional[tuple[float, ...]] = None
+
+
+SPECS = {
+    "mnist1d": DatasetSpec("x", "label", "vector", (40,), in_memory=True),
+    "digits": DatasetSpec("image", "label", "digits", (8, 8, 1), in_memory=True),
+    "cifar10": DatasetSpec("image", "label", "image", (32, 32, 3), augment="flip_crop",
+                           mean=pp.CIFAR_MEAN, std=pp.CIFAR_STD),
+    "cifar100": DatasetSpec("image", "label", "image", (32, 32, 3), augment="flip_crop",
+                            mean=pp.CIFAR_MEAN, std=pp.CIFAR_STD),
+    "imagenet2012": DatasetSpec("image", "label", "image", (224, 224, 3),
+                                eval_split="validation", augment="inception_crop",
+                                mean=pp.IMAGENET_MEAN, std=pp.IMAGENET_STD),
+}
+
+
+def default_data_dir() -> str:
+  """``$TFDS_DATA_DIR`` if set, else TFDS's own default ``~/tensorflow_datasets``."""
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in SPECS:
+    raise DatasetError(f"dataset.name={name!r} is not supported; expected one of {sorted(SPECS)}")
+  return SPECS[name]
+
+
+def get_builder(name: str, data_dir: Optional[str] = None, num_examples: Optional[int] = None,
+                build: bool = True) -> tfds.core.DatasetBuilder:
+  """Returns the TFDS builder for ``name``, prepared in ``data_dir``.
+
+  Embedded datasets are generated on first use (no network). Any other dataset must
+  already be prepared in ``data_dir`` as array_record files.
+
+  Args:
+    name: a key of ``SPECS``.
+    data_dir: where TFDS datasets live; ``None`` means ``default_data_dir()``.
+    num_examples: mnist1d only: total examples to generate (80/20 train/test).
+    build: generate an embedded dataset if it is missing.
+
+  Returns:
+    A prepared ``tfds.core.DatasetBuilder``.
+
+  Raises:
+    DatasetError: the dataset is unknown or not prepared in ``data_dir``.
+  """
+  get_spec(name)
+  data_dir = data_dir or default_data_dir()
+  if name == "mnist1d":
+    n = num_examples or builders.MNIST1D_CANONICAL_SIZE
+    config = (f"n{n}" if n == builders.MNIST1D_CANONICAL_SIZE else builders.mnist1d_config(n))
+    builder = builders.Mnist1d(data_dir=data_dir, config=config, file_format="array_record")
+  elif name == "digits":
+    builder = builders.Digits(data_dir=data_dir, file_format="array_record")
+  else:
+    if not os.path.isdir(data_dir):
+      raise DatasetError(f"dataset {name!r} not found: data_dir {data_dir!r} does not exist")
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise DatasetError(
+          f"dataset {name!r} not found in data_dir {data_dir!r} (looked for {builder.data_dir}); "
+          f"prepare it there with `tfds build {name} --data_dir={data_dir} "
+          "--file_format=array_record`")
+    return builder
+  if not builder.is_prepared():
+    if not build:
+      raise DatasetError(f"dataset {name!r} is not built in data_dir {data_dir!r}")
+    builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+class ArraySource:
+  """A split held in host memory as a dict of equally long numpy arrays (random access)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"arrays have different lengths: {lengths}")
+    self.arrays = arrays
+    self._len = lengths.pop()
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self.arrays.items()}
+
+  def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class RecordSource:
+  """A split read by random access from array_record files, decoded per record."""
+
+  def __init__(self, data_source: Any):
+    self.data_source = data_source
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.data_source[int(index)]
+
+  def gather(self, indices: np.ndarray) -> dict[str, Any]:
+    records = self.data_source.__getitems__([int(i) for i in indices])
+    out = {}
+    for key in records[0]:
+      values = [r[key] for r in records]
+      try:
+        out[key] = np.stack(values)
+      except ValueError:  # Images of different sizes (ImageNet) stay a list until cropped.
+        out[key] = values
+    return out
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str, spec: DatasetSpec):
+  """Returns a random-access source over ``split`` with keys ``input`` and ``label``."""
+  if split not in builder.info.splits:
+    raise DatasetError(f"split {split!r} not in dataset {builder.name!r}; "
+                       f"available: {sorted(builder.info.splits)}")
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetError(f"cannot read dataset {builder.name!r} split {split!r} from "
+                       f"{builder.data_dir!r} as array_record: {e}") from e
+  if spec.in_memory:
+    records = source.__getitems__(list(range(len(source))))
+    return ArraySource({
+        "input": np.stack([r[spec.input_key] for r in records]),
+        "label": np.asarray([r[spec.label_key] for r in records], np.int32),
+        "id": np.asarray([r.get("id", i) for i, r in enumerate(records)], np.int64),
+    })
+  return _RenamedSource(RecordSource(source), spec)
+
+
+class _RenamedSource:
+  """Maps a record source's feature names to ``input``/``label``."""
+
+  def __init__(self, source: RecordSource, spec: DatasetSpec):
+    self.source, self.spec = source, spec
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def gather(self, indices: np.ndarray) -> dict[str, Any]:
+    batch = self.source.gather(indices)
+    return {"input": batch[self.spec.input_key], "label": batch[self.spec.label_key]}

@@ -1,0 +1,114 @@
+"""Metric output: ``metrics.jsonl``, TensorBoard event files and a console progress line."""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+
+def _to_float(v: Any) -> float:
+  return float(np.asarray(v))
+
+
+class MetricWriter:
+  """Writes scalars to ``workdir/metrics.jsonl`` (one JSON object per logged step) and to
+  TensorBoard event files in ``workdir/tensorboard``. Only the primary process writes."""
+
+  def __init__(self, workdir: str, primary: bool = True, tensorboard: bool = True):
+    self.primary = primary
+    self._jsonl = None
+    self._tb = None
+    if primary:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.primary:
+      return
+    row = {"step": int(step)}
+    row.update({k: _to_float(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads a ``metrics.jsonl`` file into a list of dicts."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """A console progress line: step, steps/s, examples/s, loss, accuracy and ETA.
+
+  On a terminal it redraws one line; otherwise (logs, CI) it prints one line per update.
+  """
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0,
+               enabled: bool = True, stream=None):
+    self.total = total_steps
+    self.batch_size = batch_size
+    self.enabled = enabled
+    self.stream = stream or sys.stdout
+    self.tty = self.stream.isatty()
+    self._t0 = time.perf_counter()
+    self._last_t, self._last_step = self._t0, start_step
+
+  def rates(self, step: int) -> tuple[float, float]:
+    """Steps/s and examples/s since the previous call."""
+    now = time.perf_counter()
+    dt = max(now - self._last_t, 1e-9)
+    steps_per_sec = (step - self._last_step) / dt
+    self._last_t, self._last_step = now, step
+    return steps_per_sec, steps_per_sec * self.batch_size
+
+  def update(self, step: int, steps_per_sec: float, scalars: Mapping[str, Any],
+             extra: str = "") -> None:
+    if not self.enabled:
+      return
+    eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+    frac = step / max(self.total, 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    line = (f"[{bar}] step {step}/{self.total} | {steps_per_sec:.2f} steps/s | "
+            f"{steps_per_sec * self.batch_size:.0f} ex/s | "
+            f"loss {_to_float(scalars['train/loss']):.4f} | "
+            f"acc {_to_float(scalars['train/accuracy']):.4f} | "
+            f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}{extra}")
+    if self.tty:
+      self.stream.write("\r" + line + "\033[K")
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self.tty:
+      self.stream.write("\n")
+    self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._t0

@@ -1,0 +1,38 @@
+"""The model zoo. ``create_model`` builds one from ``config.model``."""
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from effjax.models.norms import NORMS, make_norm
+from effjax.models.resnet import ResNet, resnet18, resnet20, resnet50
+from effjax.models.simple import CNN1D, MLP
+
+MODELS = ("mlp", "cnn1d", "resnet20", "resnet18", "resnet50")
+
+
+def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
+  """Builds the linen module named by ``model_config.name``.
+
+  Args:
+    model_config: ``config.model``: ``name``, ``norm`` and, for ``mlp``/``cnn1d``,
+      ``widths`` (and ``kernel_size`` for ``cnn1d``).
+    num_classes: classifier outputs.
+    dtype: compute dtype of activations; parameters stay float32.
+
+  Returns:
+    A ``flax.linen.Module`` called as ``model.apply(variables, x, train=...)``.
+  """
+  name, norm = model_config.name, model_config.norm
+  if name == "mlp":
+    return MLP(num_classes, tuple(model_config.widths), norm=norm, dtype=dtype)
+  if name == "cnn1d":
+    return CNN1D(num_classes, tuple(model_config.widths), model_config.kernel_size, norm=norm,
+                 dtype=dtype)
+  if name == "resnet20":
+    return resnet20(num_classes, norm=norm, dtype=dtype)
+  if name == "resnet18":
+    return resnet18(num_classes, norm=norm, dtype=dtype)
+  if name == "resnet50":
+    return resnet50(num_classes, norm=norm, dtype=dtype)
+  raise ValueError(f"model.name={name!r} is not one of {MODELS}")

@@ -1,0 +1,52 @@
+"""Builds the optimizer named by a config, as an ``optax.chain``."""
+
+from typing import Any
+
+import jax
+import optax
+
+from effjax.optim.schedules import warmup_schedule
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
+WEIGHT_DECAY_MASKS = ("ndim>1", "all")
+
+
+def decay_mask(kind: str):
+  """``'ndim>1'``: decay weights only, not biases or norm scales/offsets; ``'all'``."""
+  if kind == "all":
+    return None
+  if kind == "ndim>1":
+    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  raise ValueError(f"optimizer.weight_decay_mask={kind!r} is not one of {WEIGHT_DECAY_MASKS}")
+
+
+def create_optimizer(config: Any, total_steps: int):
+  """Returns ``(tx, schedule)`` for ``config.optimizer`` and ``config.schedule``.
+
+  Args:
+    config: the experiment config; uses ``optimizer.{name, learning_rate, momentum,
+      weight_decay, weight_decay_mask, b1, b2, eps}`` and ``schedule.{decay,
+      warmup_steps, init_value, end_value, power, decay_fraction}``.
+    total_steps: training steps in all.
+
+  Returns:
+    An ``optax.GradientTransformation`` and the learning-rate schedule it follows.
+  """
+  o, s = config.optimizer, config.schedule
+  schedule = warmup_schedule(float(o.learning_rate), total_steps, int(s.warmup_steps),
+                             s.decay, init_value=s.init_value, end_value=s.end_value,
+                             power=s.power, decay_fraction=s.decay_fraction)
+  wd = float(o.weight_decay)
+  decay = (optax.add_decayed_weights(wd, mask=decay_mask(o.weight_decay_mask))
+           if wd else optax.identity())
+  if o.name == "adamw":
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd,
+                     mask=decay_mask(o.weight_decay_mask))
+  elif o.name in ("sgd", "momentum", "nesterov"):
+    # Coupled weight decay (added to the gradient before momentum), as in the
+    # Goyal et al. and LARS recipes.
+    tx = optax.chain(decay, optax.sgd(schedule, momentum=None if o.name == "sgd" else o.momentum,
+                                      nesterov=o.name == "nesterov"))
+  else:
+    raise ValueError(f"optimizer.name={o.name!r} is not one of {OPTIMIZERS}")
+  return tx, schedule

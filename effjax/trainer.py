@@ -1,0 +1,296 @@
+"""The training loop: config -> data -> state -> compiled steps -> metrics and checkpoints.
+
+``train_and_evaluate`` is what ``experiments/train.py`` runs; notebooks and tests call it
+directly. The loop does no host syncs between logging points: metrics stay on the
+devices until ``log_every`` steps have run.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from effjax import checkpoint as ckpt_lib
+from effjax import config as config_lib
+from effjax import data as data_lib
+from effjax import metrics as metrics_lib
+from effjax import models
+from effjax import optim
+from effjax import steps
+from effjax.parallel import Runner, make_mesh
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteError(RuntimeError):
+  """Raised when training meets a NaN/Inf loss or gradient; ``step`` is the first bad step."""
+
+  def __init__(self, step: int):
+    super().__init__(f"non-finite loss or gradient at step {step}; stopped, the last "
+                     "checkpoint holds the last finite state")
+    self.step = step
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Checks that ``workdir`` is (or can be) a writable directory, then creates it."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"workdir {workdir!r} is a file; it must be a directory")
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run is built from; ``build`` makes it from a config (no training yet)."""
+  config: ml_collections.ConfigDict
+  runner: Runner
+  spec: data_lib.DatasetSpec
+  num_classes: int
+  model: Any
+  state: steps.TrainState      # On the host, freshly initialised.
+  train_source: Any = None
+  eval_source: Any = None
+
+
+def _dtype(config) -> Any:
+  return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+
+
+def load_data(config, runner: Runner):
+  """Builds (embedded) or finds the dataset, then opens the train and eval splits."""
+  spec = data_lib.get_spec(config.dataset.name)
+  kwargs = dict(data_dir=config.dataset.data_dir or None,
+                num_examples=config.dataset.num_examples)
+  # Process 0 generates embedded datasets first, so that processes sharing a filesystem
+  # never write the same files at once.
+  if jax.process_index() == 0:
+    builder = data_lib.get_builder(config.dataset.name, **kwargs)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("effjax_dataset_ready")
+  if jax.process_index() != 0:
+    builder = data_lib.get_builder(config.dataset.name, **kwargs)
+  train_split = config.dataset.train_split or spec.train_split
+  eval_split = config.dataset.eval_split or spec.eval_split
+  train = data_lib.load_split(builder, train_split, spec)
+  evals = data_lib.load_split(builder, eval_split, spec)
+  if len(train) != config.dataset.num_train_examples:
+    raise config_lib.ConfigError(
+        f"dataset.num_train_examples={config.dataset.num_train_examples} but split "
+        f"{train_split!r} of {config.dataset.name!r} has {len(train)} examples")
+  num_classes = builder.info.features[spec.label_key].num_classes
+  return spec, num_classes, train, evals
+
+
+def preprocess_fns(config, spec: data_lib.DatasetSpec):
+  augment = spec.augment if config.input.augment == "default" else config.input.augment
+  kw = dict(augment=augment, image_size=spec.input_shape[0], mean=spec.mean, std=spec.std)
+  return (data_lib.make_preprocess_fn(spec.kind, train=True, **kw),
+          data_lib.make_preprocess_fn(spec.kind, train=False, **kw))
+
+
+def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Setup:
+  """Validates ``config`` and builds the runner, data sources, model and initial state."""
+  runner = runner or Runner(config.parallel)
+  config_lib.validate(config, runner.num_devices)
+  if with_data:
+    spec, num_classes, train, evals = load_data(config, runner)
+  else:
+    spec, train, evals = data_lib.get_spec(config.dataset.name), None, None
+    num_classes = {"imagenet2012": 1000, "cifar100": 100}.get(config.dataset.name, 10)
+  model = models.create_model(config.model, num_classes, _dtype(config))
+  tx, schedule = optim.create_optimizer(config, config.num_train_steps)
+  state = steps.create_train_state(jax.random.key(config.seed), model, tx, schedule,
+                                   spec.input_shape)
+  return Setup(config, runner, spec, num_classes, model, state, train, evals)
+
+
+def evaluate(setup: Setup, device_state, eval_fn=None) -> dict:
+  """Loss and accuracy over the whole eval split (the last batch padded and masked)."""
+  runner, config = setup.runner, setup.config
+  eval_fn = eval_fn or runner.compile(steps.eval_step, donate_state=False)
+  _, pre = preprocess_fns(config, setup.spec)
+  totals = None
+  for batch in data_lib.eval_batches(setup.eval_source, pre,
+                                     global_batch_size=config.eval_batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    sums = eval_fn(device_state, runner.shard_batch(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = runner.to_host(totals)
+  return {"eval/loss": float(totals["loss"] / totals["count"]),
+          "eval/accuracy": float(totals["correct"] / totals["count"]),
+          "eval/count": int(totals["count"])}
+
+
+def _save_config(workdir: str, config) -> None:
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       verbose: bool = True) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
+
+  Writes ``metrics.jsonl``, TensorBoard events, checkpoints under ``checkpoints/`` and
+  ``summary.json``.
+
+  Args:
+    config: an experiment config (see ``effjax.config.base_config``).
+    workdir: the run's directory; re-running with the same one resumes.
+    verbose: print the progress line.
+
+  Returns:
+    The summary dict (final eval metrics, steps, wall time).
+
+  Raises:
+    ConfigError: a bad config value or workdir (nothing is written then).
+    NonFiniteError: the loss or gradients became NaN/Inf.
+  """
+  t_start = time.perf_counter()
+  runner = Runner(config.parallel)
+  config_lib.validate(config, runner.num_devices)
+  workdir = prepare_workdir(workdir)
+  setup = build(config, runner=runner)
+  primary = jax.process_index() == 0
+  total = config.num_train_steps
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.max_to_keep)
+  host_items = setup.state.items()
+  data_state = None
+  start = checkpointer.latest_step()
+  if start is not None:
+    items, data_state = checkpointer.restore(
+        start, ckpt_lib.abstract_like(host_items, runner.replicated))
+    host_items = items
+  start = start or 0
+  state = setup.state.replace(**runner.replicate(host_items))
+  if primary:
+    _save_config(workdir, config)
+
+  train_fn = runner.compile(functools.partial(steps.train_step,
+                                              label_smoothing=config.label_smoothing))
+  eval_fn = runner.compile(steps.eval_step, donate_state=False)
+  train_pre, _ = preprocess_fns(config, setup.spec)
+  ds = data_lib.train_dataset(
+      setup.train_source, train_pre, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.input.num_threads, prefetch_buffer_size=config.input.host_prefetch,
+      num_workers=config.input.num_workers)
+  prefetcher = data_lib.Prefetcher(data_lib.make_train_iterator(ds, data_state),
+                                   runner.shard_batch, config.input.device_prefetch)
+  writer = metrics_lib.MetricWriter(workdir, primary)
+  progress = metrics_lib.Progress(total, config.batch_size, start, enabled=verbose and primary)
+  if start:
+    progress.message(f"resumed from step {start} in {workdir}")
+
+  def save(step):
+    checkpointer.save(step, runner.unreplicate(state).items(), data_state)
+
+  pending: list = []
+  last_eval: dict = {}
+  step = start
+  try:
+    while step < total:
+      batch, data_state = next(prefetcher)
+      state, metrics = train_fn(state, batch)
+      pending.append(metrics)
+      step += 1
+      last = step == total
+      if step % config.log_every == 0 or last:
+        host = runner.to_host(pending)
+        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        bad = int(runner.to_host(state.nonfinite_step))
+        if bad >= 0:
+          raise NonFiniteError(bad)
+        steps_per_sec, examples_per_sec = progress.rates(step)
+        scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
+                       epoch=step / config.steps_per_epoch)
+        if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
+          last_eval = evaluate(setup, state, eval_fn)
+          scalars.update({k: v for k, v in last_eval.items() if k != "eval/count"})
+        writer.write(step, scalars)
+        progress.update(step, steps_per_sec, scalars,
+                        f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
+        pending = []
+      if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0) or last:
+        save(step)
+  finally:
+    prefetcher.close()
+    checkpointer.close()
+    writer.close()
+
+  if not last_eval:  # Resumed a finished run: evaluate what is there.
+    last_eval = evaluate(setup, state, eval_fn)
+  summary = {
+      "final_step": int(step),
+      "eval/accuracy": last_eval["eval/accuracy"],
+      "eval/loss": last_eval["eval/loss"],
+      "eval/count": last_eval["eval/count"],
+      "wall_time_sec": time.perf_counter() - t_start,
+      "batch_size": config.batch_size,
+      "num_devices": runner.num_devices,
+      "num_processes": jax.process_count(),
+  }
+  if primary:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    progress.message(
+        f"done: step {step}, eval accuracy {summary['eval/accuracy']:.4f}, eval loss "
+        f"{summary['eval/loss']:.4f}, wall time {summary['wall_time_sec']:.1f}s")
+  return summary
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Builds everything and compiles one train step, without data or training.
+
+  With ``config.dry_run_devices = N`` the step is sized for N devices (per-device batch
+  ``batch_size / N``) and compiled for one of them, so a pod config can be checked on a
+  laptop.
+
+  Returns:
+    ``num_params``, ``per_device_batch``, ``num_devices``, ``flops_per_step`` (XLA cost
+    analysis, all devices) and ``memory_per_device_bytes`` (arguments + outputs + temporaries
+    of the compiled step, less donated buffers).
+  """
+  n = int(config.dry_run_devices) or len(jax.devices())
+  config_lib.validate(config, n)
+  runner = Runner("shard_map", make_mesh(jax.devices()[:1]))
+  setup = build(config, with_data=False, runner=runner)
+  per_device = config.batch_size // n
+  state = setup.state.replace(**runner.replicate(setup.state.items()))
+  batch = {"input": jax.ShapeDtypeStruct((per_device,) + tuple(setup.spec.input_shape),
+                                         jnp.float32, sharding=runner.sharded),
+           "label": jax.ShapeDtypeStruct((per_device,), jnp.int32, sharding=runner.sharded)}
+  fn = runner.compile(functools.partial(steps.train_step, label_smoothing=config.label_smoothing))
+  compiled = fn.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  memory = None
+  if mem is not None:
+    memory = int(mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                 mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  return {
+      "num_params": int(sum(x.size for x in jax.tree.leaves(setup.state.params))),
+      "per_device_batch": per_device,
+      "num_devices": n,
+      "flops_per_step": float(cost.get("flops", float("nan"))) * n,
+      "memory_per_device_bytes": memory,
+  }

@@ -1,0 +1,73 @@
+r"""Trains a model from a config: ``python -m experiments.train --config=... --workdir=...``.
+
+Examples:
+  python -m experiments.train --config=configs/mnist1d_large_batch.py --workdir=/tmp/lb
+  python -m experiments.train --config=configs/imagenet_resnet50.py --workdir=/tmp/x \
+      --dry_run --config.dry_run_devices=256
+
+Exit codes: 0 done; 2 bad config, flag, workdir or dataset (nothing written);
+3 non-finite loss (the last checkpoint holds the last finite state).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+flags.DEFINE_bool("dry_run", False, "Build, compile one step, print sizes and cost, exit.")
+
+
+def fail(message: str, code: int = 2):
+  sys.stderr.write(f"error: {message}\n")
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else repr(e))
+  except (KeyError, AttributeError, ValueError, TypeError) as e:  # Bad --config.x overrides.
+    fail(str(e).strip().splitlines()[0].strip("'\""))
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; use --config, --workdir and --config.<key>=<value>")
+  config = FLAGS.config
+  if config is None:
+    fail("--config is required, e.g. --config=configs/mnist1d_large_batch.py")
+  # Imported here so that flag errors answer fast, and so jax.distributed can initialise
+  # before anything else touches a JAX backend.
+  logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch at INFO.
+  import effjax  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    effjax.validate(config)
+    if FLAGS.dry_run:
+      info = effjax.dry_run(config)
+      mem = info["memory_per_device_bytes"]
+      print(f"parameters:           {info['num_params']:,}")
+      print(f"devices:              {info['num_devices']}")
+      print(f"per-device batch:     {info['per_device_batch']}")
+      print(f"FLOPs per step:       {info['flops_per_step']:.4g}")
+      print("memory per device:    " + (f"{mem / 2**20:.1f} MiB" if mem is not None else "n/a"))
+      return
+    if not FLAGS.workdir:
+      fail("--workdir is required")
+    effjax.distributed.maybe_initialize(config.distributed)
+    effjax.train_and_evaluate(config, FLAGS.workdir)
+  except (effjax.ConfigError, data_lib.DatasetError) as e:
+    fail(str(e))
+  except effjax.NonFiniteError as e:
+    fail(str(e), effjax.EXIT_NONFINITE)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
