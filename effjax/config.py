@@ -131,7 +131,7 @@ def _check_positive(name: str, value: Any, integer: bool = False) -> None:
 
 
 def _flat_keys(c, prefix=""):
-  for k, v in c.items():
+  for k, v in c.items(preserve_field_references=True):
     if isinstance(v, (ml_collections.ConfigDict, config_dict.FrozenConfigDict)):
       yield from _flat_keys(v, prefix + k + ".")
     else:
@@ -152,6 +152,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if unknown:
     raise ConfigError(f"unknown config key {unknown[0]!r}; see effjax.config.base_config() "
                       "for the allowed keys")
+  # Values that derived fields divide by come first, so that they fail with their own name.
+  _check_positive("batch_size", c.batch_size, integer=True)
+  _check_positive("optimizer.base_batch_size", c.optimizer.base_batch_size)
   _check_choice("dataset.name", c.dataset.name, SPECS)
   _check_choice("model.name", c.model.name, MODELS)
   _check_choice("model.norm", c.model.norm, NORMS)

@@ -144,7 +144,7 @@ def _save_config(workdir: str, config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       verbose: bool = True) -> dict:
+                       verbose: bool = True, stop_after: Optional[int] = None) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
   Writes ``metrics.jsonl``, TensorBoard events, checkpoints under ``checkpoints/`` and
@@ -154,9 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config: an experiment config (see ``effjax.config.base_config``).
     workdir: the run's directory; re-running with the same one resumes.
     verbose: print the progress line.
+    stop_after: if set, checkpoint and return after this step even though training is
+      not finished (time-sliced jobs); calling again resumes from there.
 
   Returns:
-    The summary dict (final eval metrics, steps, wall time).
+    The summary dict (final eval metrics, steps, wall time); after ``stop_after``, only
+    ``final_step`` and ``stopped: True``.
 
   Raises:
     ConfigError: a bad config value or workdir (nothing is written then).
@@ -201,19 +204,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress.message(f"resumed from step {start} in {workdir}")
 
   def save(step):
+    # Never checkpoint past a non-finite step: the newest checkpoint stays the last good one.
+    bad = int(runner.to_host(state.nonfinite_step))
+    if bad >= 0:
+      raise NonFiniteError(bad)
     checkpointer.save(step, runner.unreplicate(state).items(), data_state)
 
   pending: list = []
   last_eval: dict = {}
   step = start
+  end = total if stop_after is None else min(total, max(stop_after, start))
   try:
-    while step < total:
+    while step < end:
       batch, data_state = next(prefetcher)
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
       step += 1
       last = step == total
-      if step % config.log_every == 0 or last:
+      eval_now = last or bool(config.eval_every_steps and step % config.eval_every_steps == 0)
+      if step % config.log_every == 0 or eval_now:
         host = runner.to_host(pending)
         scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         bad = int(runner.to_host(state.nonfinite_step))
@@ -222,20 +231,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         steps_per_sec, examples_per_sec = progress.rates(step)
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
                        epoch=step / config.steps_per_epoch)
-        if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
+        if eval_now:
           last_eval = evaluate(setup, state, eval_fn)
           scalars.update({k: v for k, v in last_eval.items() if k != "eval/count"})
         writer.write(step, scalars)
         progress.update(step, steps_per_sec, scalars,
                         f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
         pending = []
-      if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0) or last:
+      if ((config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0) or
+          step == end):
         save(step)
   finally:
     prefetcher.close()
     checkpointer.close()
     writer.close()
 
+  if step < total:
+    progress.message(f"stopped after step {step} of {total}; re-run to resume")
+    return {"final_step": int(step), "stopped": True}
   if not last_eval:  # Resumed a finished run: evaluate what is there.
     last_eval = evaluate(setup, state, eval_fn)
   summary = {

@@ -33,8 +33,13 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0] if str(e) else repr(e))
-  except (KeyError, AttributeError, ValueError, TypeError) as e:  # Bad --config.x overrides.
-    fail(str(e).strip().splitlines()[0].strip("'\""))
+  except (KeyError, AttributeError) as e:  # --config.<key> names no key of the config.
+    key = str(e).strip().splitlines()[0].strip("'\"")
+    bad = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    fail(f"unknown config key in {bad[0] if bad else key!r}; allowed keys are those of "
+         "effjax.config.base_config()")
+  except (ValueError, TypeError) as e:
+    fail(str(e).strip().splitlines()[0])
 
 
 def main(argv):

@@ -45,6 +45,15 @@ class BatchIndices(grain.MapDataset):
   def __len__(self) -> int:
     return sys.maxsize
 
+  def __getstate__(self):  # Worker processes get a copy without the lock and cache.
+    state = self.__dict__.copy()
+    state["_perms"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def __str__(self) -> str:
     return (f"BatchIndices(n={self.num_records}, B={self.global_batch_size}, "
             f"process={self.process_index}, seed={self.seed})")
@@ -168,6 +177,9 @@ class Prefetcher:
   def close(self):
     self._stop.set()
     self._thread.join(timeout=5)
+    close = getattr(self._iterator, "close", None)
+    if close is not None:  # Worker processes of mp_prefetch.
+      close()
 
 
 def make_train_iterator(ds: grain.IterDataset, state: Optional[dict] = None):

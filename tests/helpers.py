@@ -1,0 +1,46 @@
+"""Shared helpers for the tests."""
+
+import os
+import subprocess
+import sys
+
+from effjax.config import base_config, derive
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+  """A seconds-long mnist1d (canonical split) config with a small CNN."""
+  c = base_config()
+  c.dataset.name = "mnist1d"
+  c.dataset.data_dir = data_dir
+  c.dataset.num_examples = 5000
+  c.dataset.num_train_examples = 4000
+  c.model.name = "cnn1d"
+  c.model.widths = (16, 32)
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.num_epochs = 1.0
+  c.optimizer.name = "nesterov"
+  c.optimizer.base_learning_rate = 0.2
+  c.optimizer.weight_decay = 5e-4
+  c.schedule.warmup_epochs = 0.25
+  c.log_every = 5
+  derive(c)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def run_cli(args, env_extra=None, devices=8, timeout=600):
+  """Runs ``python -m experiments.train ARGS`` from the repo root; returns the process."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "experiments.train"] + list(args), cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
