@@ -8,6 +8,11 @@ Public API:
     ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``.
 """
 
+from effjax import parallel
+
+parallel.size_cpu_thread_pool()  # Before any JAX computation; see its docstring.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from effjax import checkpoint, config, data, distributed, metrics, models, optim
 from effjax.config import ConfigError, base_config, validate
 from effjax.parallel import DATA_AXIS, Runner, global_norm, make_mesh

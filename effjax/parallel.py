@@ -6,6 +6,8 @@ as global ``jax.Array``s built from per-process data, so the same code runs on o
 one host with 8 devices, or many hosts.
 """
 
+import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -15,6 +17,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 PARALLEL_MODES = ("shard_map", "pmap")
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def size_cpu_thread_pool() -> None:
+  """Gives XLA:CPU more pool threads than simulated devices (sets ``NPROC`` if unset).
+
+  With ``--xla_force_host_platform_device_count=N``, XLA:CPU runs the N device programs on
+  one pool of max(cores, N) threads. A device that reaches an all-reduce blocks its
+  thread until all N arrive; with N blocked threads, work still queued for the last
+  device never runs, and under CPU contention the process aborts after 40 s ("only 7 of
+  8 arrived"). 2N threads remove the deadlock. Only the CPU backend reads ``NPROC``, and
+  only when it starts, so this must run before the first JAX computation; effjax calls
+  it on import.
+  """
+  match = _DEVICE_COUNT_FLAG.search(os.environ.get("XLA_FLAGS", ""))
+  if match and "NPROC" not in os.environ:
+    os.environ["NPROC"] = str(max(2 * int(match.group(1)), os.cpu_count() or 1))
 
 
 def make_mesh(devices=None) -> Mesh:
