@@ -130,6 +130,12 @@ def _check_positive(name: str, value: Any, integer: bool = False) -> None:
     raise ConfigError(f"{name}={value!r} must be a positive {'integer' if integer else 'number'}")
 
 
+def _get(c, dotted: str) -> Any:
+  for part in dotted.split("."):
+    c = c[part]
+  return c
+
+
 def _flat_keys(c, prefix=""):
   for k, v in c.items(preserve_field_references=True):
     if isinstance(v, (ml_collections.ConfigDict, config_dict.FrozenConfigDict)):
@@ -169,13 +175,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   for name in ("batch_size", "eval_batch_size", "log_every", "dataset.num_examples",
                "dataset.num_train_examples", "checkpoint.max_to_keep", "input.num_threads",
                "input.device_prefetch", "input.host_prefetch"):
-    _check_positive(name, c[name] if "." not in name else c[name.split(".")[0]][name.split(".")[1]],
-                    integer=True)
-  for name, value in (("num_epochs", c.num_epochs), ("eval_every_epochs", c.eval_every_epochs),
-                      ("optimizer.base_learning_rate", c.optimizer.base_learning_rate),
-                      ("optimizer.learning_rate", c.optimizer.learning_rate),
-                      ("optimizer.base_batch_size", c.optimizer.base_batch_size)):
-    _check_positive(name, value)
+    _check_positive(name, _get(c, name), integer=True)
+  for name in ("num_epochs", "eval_every_epochs", "optimizer.base_learning_rate",
+               "optimizer.learning_rate", "optimizer.base_batch_size"):
+    _check_positive(name, _get(c, name))
   expected = scale_learning_rate(c.optimizer.base_learning_rate, c.batch_size,
                                  c.optimizer.base_batch_size, c.optimizer.scaling_rule)
   if not math.isclose(c.optimizer.learning_rate, expected, rel_tol=1e-6):

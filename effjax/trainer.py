@@ -58,7 +58,6 @@ class Setup:
   config: ml_collections.ConfigDict
   runner: Runner
   spec: data_lib.DatasetSpec
-  num_classes: int
   model: Any
   state: steps.TrainState      # On the host, freshly initialised.
   train_source: Any = None
@@ -70,7 +69,7 @@ def _dtype(config) -> Any:
 
 
 def load_data(config, runner: Runner):
-  """Builds (embedded) or finds the dataset, then opens the train and eval splits."""
+  """Builds (embedded) or finds the dataset; returns its spec and train and eval sources."""
   spec = data_lib.get_spec(config.dataset.name)
   kwargs = dict(data_dir=config.dataset.data_dir or None,
                 num_examples=config.dataset.num_examples)
@@ -92,7 +91,10 @@ def load_data(config, runner: Runner):
         f"dataset.num_train_examples={config.dataset.num_train_examples} but split "
         f"{train_split!r} of {config.dataset.name!r} has {len(train)} examples")
   num_classes = builder.info.features[spec.label_key].num_classes
-  return spec, num_classes, train, evals
+  if num_classes != spec.num_classes:
+    raise data_lib.DatasetError(f"dataset {config.dataset.name!r} in {builder.data_dir!r} has "
+                                f"{num_classes} classes; effjax expects {spec.num_classes}")
+  return spec, train, evals
 
 
 def preprocess_fns(config, spec: data_lib.DatasetSpec):
@@ -107,15 +109,14 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Se
   runner = runner or Runner(config.parallel)
   config_lib.validate(config, runner.num_devices)
   if with_data:
-    spec, num_classes, train, evals = load_data(config, runner)
+    spec, train, evals = load_data(config, runner)
   else:
     spec, train, evals = data_lib.get_spec(config.dataset.name), None, None
-    num_classes = {"imagenet2012": 1000, "cifar100": 100}.get(config.dataset.name, 10)
-  model = models.create_model(config.model, num_classes, _dtype(config))
+  model = models.create_model(config.model, spec.num_classes, _dtype(config))
   tx, schedule = optim.create_optimizer(config, config.num_train_steps)
   state = steps.create_train_state(jax.random.key(config.seed), model, tx, schedule,
                                    spec.input_shape)
-  return Setup(config, runner, spec, num_classes, model, state, train, evals)
+  return Setup(config, runner, spec, model, state, train, evals)
 
 
 def evaluate(setup: Setup, device_state, eval_fn=None) -> dict:

@@ -56,7 +56,7 @@ def test_eight_replicas_equal_one_device_on_the_global_batch(data_dir):
   items, hist = _run("shard_map", config, batches)
 
   ref_model = effjax.models.create_model(
-      tiny_config(data_dir, **{"model.norm": "batch"}).model, setup.num_classes)
+      tiny_config(data_dir, **{"model.norm": "batch"}).model, setup.spec.num_classes)
   state = setup.state.replace(apply_fn=ref_model.apply)
 
   @jax.jit

@@ -27,6 +27,7 @@ class DatasetSpec:
     input_key, label_key: feature names in the TFDS records.
     kind: input kind for ``preprocess.make_preprocess_fn``.
     input_shape: the model's per-example input shape after preprocessing.
+    num_classes: label classes (checked against the TFDS features when loaded).
     train_split, eval_split: TFDS split names.
     in_memory: load the whole split into host memory (small datasets), instead of reading
       records by random access from array_record files.
@@ -37,6 +38,7 @@ class DatasetSpec:
   label_key: str
   kind: str
   input_shape: tuple[int, ...]
+  num_classes: int
   train_split: str = "train"
   eval_split: str = "test"
   in_memory: bool = False
@@ -46,13 +48,13 @@ class DatasetSpec:
 
 
 SPECS = {
-    "mnist1d": DatasetSpec("x", "label", "vector", (40,), in_memory=True),
-    "digits": DatasetSpec("image", "label", "digits", (8, 8, 1), in_memory=True),
-    "cifar10": DatasetSpec("image", "label", "image", (32, 32, 3), augment="flip_crop",
+    "mnist1d": DatasetSpec("x", "label", "vector", (40,), 10, in_memory=True),
+    "digits": DatasetSpec("image", "label", "digits", (8, 8, 1), 10, in_memory=True),
+    "cifar10": DatasetSpec("image", "label", "image", (32, 32, 3), 10, augment="flip_crop",
                            mean=pp.CIFAR_MEAN, std=pp.CIFAR_STD),
-    "cifar100": DatasetSpec("image", "label", "image", (32, 32, 3), augment="flip_crop",
+    "cifar100": DatasetSpec("image", "label", "image", (32, 32, 3), 100, augment="flip_crop",
                             mean=pp.CIFAR_MEAN, std=pp.CIFAR_STD),
-    "imagenet2012": DatasetSpec("image", "label", "image", (224, 224, 3),
+    "imagenet2012": DatasetSpec("image", "label", "image", (224, 224, 3), 1000,
                                 eval_split="validation", augment="inception_crop",
                                 mean=pp.IMAGENET_MEAN, std=pp.IMAGENET_STD),
 }
