@@ -68,7 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 0.05  # Derived in configs with scale_learning_rate.
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 0.0
-  c.optimizer.weight_decay_mask = "ndim>1"
+  c.optimizer.weight_decay_mask = "ndim>1"  # 'ndim>1': weights only; 'all'.
+  c.optimizer.trust_ratio_mask = "ndim>1"   # lars/lamb/tvlars: which params get the ratio.
+  c.optimizer.trust_coefficient = 1e-3      # lars/tvlars eta.
+  c.optimizer.max_trust_ratio = 0.0         # lars/lamb: clip the ratio above; 0 = no clip.
+  c.optimizer.grad_prenorm = False          # lamb: NVLAMB global-norm pre-normalisation.
+  c.optimizer.nesterov = False              # lars/tvlars.
+  c.optimizer.tvlars = ml_collections.ConfigDict()
+  c.optimizer.tvlars.decay_rate = 0.01      # lambda, per step.
+  c.optimizer.tvlars.delay_epochs = 5.0     # d_e.
+  c.optimizer.tvlars.alpha = 1.0
+  c.optimizer.tvlars.min_factor = 0.0       # gamma_min.
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
@@ -113,6 +123,8 @@ def derive(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.schedule.warmup_steps = (c.schedule.get_ref("warmup_epochs")
                              * c.get_ref("steps_per_epoch")).to_int()
   c.eval_every_steps = (c.get_ref("eval_every_epochs") * c.get_ref("steps_per_epoch")).to_int()
+  c.optimizer.tvlars.delay_steps = (c.optimizer.tvlars.get_ref("delay_epochs")
+                                    * c.get_ref("steps_per_epoch")).to_int()
   o.learning_rate = scale_learning_rate(o.get_ref("base_learning_rate"), c.get_ref("batch_size"),
                                         o.get_ref("base_batch_size"), rule)
   return c
@@ -167,6 +179,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _check_choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
   _check_choice("optimizer.scaling_rule", c.optimizer.scaling_rule, SCALING_RULES)
   _check_choice("optimizer.weight_decay_mask", c.optimizer.weight_decay_mask, WEIGHT_DECAY_MASKS)
+  _check_choice("optimizer.trust_ratio_mask", c.optimizer.trust_ratio_mask, WEIGHT_DECAY_MASKS)
+  _check_positive("optimizer.trust_coefficient", c.optimizer.trust_coefficient)
+  if c.optimizer.max_trust_ratio < 0:
+    raise ConfigError(f"optimizer.max_trust_ratio={c.optimizer.max_trust_ratio!r} must be "
+                      ">= 0 (0 means no clipping)")
   _check_choice("schedule.decay", c.schedule.decay, DECAYS)
   _check_choice("parallel", c.parallel, PARALLEL_MODES)
   _check_choice("compute_dtype", c.compute_dtype, COMPUTE_DTYPES)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from effjax.optim.transforms import trust_ratio_stats
 from effjax.parallel import DATA_AXIS, global_norm
 
 # The fields of a TrainState that are data (and go into checkpoints).
@@ -87,7 +88,8 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0):
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
-    ``train/accuracy``, ``lr``, ``grad_norm``, ``param_norm``, ``update_norm``.
+    ``train/accuracy``, ``lr``, ``grad_norm``, ``param_norm``, ``update_norm`` and, for
+    optimizers with a trust ratio, ``trust_ratio/{min,median,max}``.
   """
   def loss_fn(params):
     logits, new_vars = state.apply_fn(state.variables(params), batch["input"], train=True,
@@ -123,6 +125,7 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0):
       "param_norm": global_norm(new_state.params),
       "update_norm": update_norm,
   }
+  metrics.update(trust_ratio_stats(new_state.opt_state))  # lars/lamb/tvlars only.
   return new_state, metrics
 
 

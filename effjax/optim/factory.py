@@ -5,9 +5,10 @@ from typing import Any
 import jax
 import optax
 
+from effjax.optim import transforms
 from effjax.optim.schedules import warmup_schedule
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb", "tvlars")
 WEIGHT_DECAY_MASKS = ("ndim>1", "all")
 
 
@@ -20,12 +21,20 @@ def decay_mask(kind: str):
   raise ValueError(f"optimizer.weight_decay_mask={kind!r} is not one of {WEIGHT_DECAY_MASKS}")
 
 
+def _mask(kind: str):
+  """Config mask names -> ``effjax.optim`` masks (None: the recipe default; True: all)."""
+  if kind not in WEIGHT_DECAY_MASKS:
+    raise ValueError(f"mask {kind!r} is not one of {WEIGHT_DECAY_MASKS}")
+  return None if kind == "ndim>1" else True
+
+
 def create_optimizer(config: Any, total_steps: int):
   """Returns ``(tx, schedule)`` for ``config.optimizer`` and ``config.schedule``.
 
   Args:
     config: the experiment config; uses ``optimizer.{name, learning_rate, momentum,
-      weight_decay, weight_decay_mask, b1, b2, eps}`` and ``schedule.{decay,
+      nesterov, weight_decay, weight_decay_mask, trust_ratio_mask, trust_coefficient,
+      max_trust_ratio, grad_prenorm, b1, b2, eps, tvlars}`` and ``schedule.{decay,
       warmup_steps, init_value, end_value, power, decay_fraction}``.
     total_steps: training steps in all.
 
@@ -47,6 +56,22 @@ def create_optimizer(config: Any, total_steps: int):
     # Goyal et al. and LARS recipes.
     tx = optax.chain(decay, optax.sgd(schedule, momentum=None if o.name == "sgd" else o.momentum,
                                       nesterov=o.name == "nesterov"))
+  elif o.name in ("lars", "tvlars", "lamb"):
+    common = dict(weight_decay=wd, weight_decay_mask=_mask(o.weight_decay_mask),
+                  trust_ratio_mask=_mask(o.trust_ratio_mask))
+    max_ratio = float(o.max_trust_ratio) if o.max_trust_ratio > 0 else None
+    if o.name == "lars":
+      tx = transforms.lars(schedule, momentum=o.momentum, trust_coefficient=o.trust_coefficient,
+                           nesterov=o.nesterov, max_trust_ratio=max_ratio, **common)
+    elif o.name == "lamb":
+      tx = transforms.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, max_trust_ratio=max_ratio,
+                           grad_prenorm=o.grad_prenorm, **common)
+    else:
+      tv = o.tvlars
+      tx = transforms.tvlars(schedule, decay_rate=tv.decay_rate, delay_steps=tv.delay_steps,
+                             alpha=tv.alpha, min_factor=tv.min_factor, momentum=o.momentum,
+                             trust_coefficient=o.trust_coefficient, nesterov=o.nesterov,
+                             **common)
   else:
     raise ValueError(f"optimizer.name={o.name!r} is not one of {OPTIMIZERS}")
   return tx, schedule

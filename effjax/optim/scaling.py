@@ -30,3 +30,26 @@ def scale_learning_rate(base_lr, batch_size, base_batch_size=256, rule: str = "l
   if rule == "none":
     return base_lr * 1.0
   raise ValueError(f"scaling rule {rule!r} is not one of {SCALING_RULES}")
+
+
+def ema_decay_for_batch(decay: float, batch_size, base_batch_size) -> float:
+  """The EMA scaling rule: momentum ``rho`` tuned at ``base_batch_size`` becomes
+  ``rho ** kappa`` at ``batch_size = kappa * base_batch_size``.
+
+  With the LR scaled by the optimizer's own rule, this keeps a model EMA averaging over
+  the same number of examples, and so over the same stretch of training, at any batch size.
+
+  Args:
+    decay: the EMA momentum ``rho`` at ``base_batch_size`` (e.g. 0.9999).
+    batch_size: the new global batch size.
+    base_batch_size: the batch size ``decay`` was tuned at.
+
+  Returns:
+    ``decay ** (batch_size / base_batch_size)``.
+
+  References:
+    Busbridge et al. 2023, arXiv:2307.13813 ("How to Scale Your EMA").
+  """
+  if not 0.0 <= decay <= 1.0:
+    raise ValueError(f"EMA decay={decay!r} must be in [0, 1]")
+  return decay ** (batch_size / base_batch_size)

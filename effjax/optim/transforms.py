@@ -1,0 +1,296 @@
+"""Layer-wise adaptive optimizers as optax transformations: LARS, LAMB, TVLARS.
+
+Differences from ``optax.lars``/``optax.lamb``, which these match exactly when both masks
+are ``True`` (and LAMB has no clipping or prenorm):
+
+* Masks default to the reference recipes (MLPerf ResNet-50, the LAMB paper's code, timm):
+  parameters with ``ndim <= 1`` (biases, BatchNorm/LayerNorm scales and offsets) get
+  neither weight decay nor the trust ratio.
+* The trust ratio can be clipped (``max_trust_ratio``), and the last ratios are kept in
+  the state (``ScaleByTrustRatioState``), so a train loop can log them.
+* With ``axis_name``, the squared norms are summed over that mesh axis, so that
+  parameters sharded over it (FSDP-style, under ``shard_map``) get the update of the
+  unsharded parameters.
+* LAMB can first divide the gradients by their global norm when it exceeds 1 (NVLAMB).
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
+
+
+def default_mask(params: Any) -> Any:
+  """The recipe default: ``True`` for weights (``ndim > 1``), ``False`` for the rest."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def _resolve_mask(mask: MaskOrFn):
+  """``None`` -> ``default_mask``; ``True`` -> every parameter; else the mask as given."""
+  if mask is None:
+    return default_mask
+  return mask
+
+
+def _sq_norm(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
+  return jax.lax.psum(sq, axis_name) if axis_name is not None else sq
+
+
+class ScaleByTrustRatioState(NamedTuple):
+  """The trust ratio each parameter's update was last scaled by (float32 scalars)."""
+  trust_ratio: Any
+
+
+def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
+                         min_norm: float = 0.0, max_trust_ratio: Optional[float] = None,
+                         axis_name: Optional[str] = None) -> optax.GradientTransformation:
+  """Scales each parameter's update ``u`` by ``c * ||w|| / (||u|| + eps)``.
+
+  Zero-norm policy: where ``||w||`` or ``||u||`` is 0 (after ``min_norm``), the ratio is
+  1. A zero-initialised parameter (e.g. a residual block's last BatchNorm scale) still
+  moves with the plain update instead of being frozen at 0 by a zero ratio, and a zero
+  update stays zero. This is the ``optax.scale_by_trust_ratio`` policy.
+
+  Args:
+    trust_coefficient: ``c``, multiplies the ratio (LARS's eta, about 1e-3; 1 for LAMB).
+    eps: added to the update norm in the denominator.
+    min_norm: both norms are clipped below at this value.
+    max_trust_ratio: if set, the ratio is clipped above at this value (timm's
+      ``trust_clip`` uses 1.0; DeepSpeed's ``max_coeff`` 10).
+    axis_name: a mesh axis that parameters are sharded over (under ``shard_map``); the
+      squared norms are summed over it. Not needed under ``jit`` with global arrays.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state (``ScaleByTrustRatioState``) holds the
+    last per-parameter ratios.
+
+  References:
+    You et al. 2017, arXiv:1708.03888 (LARS); You et al. 2019, arXiv:1904.00962 (LAMB).
+  """
+
+  def init_fn(params):
+    return ScaleByTrustRatioState(
+        trust_ratio=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG")
+                       else "scale_by_trust_ratio needs params")
+
+    def ratio(u, w):
+      w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis_name)), min_norm)
+      u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis_name)), min_norm)
+      r = trust_coefficient * w_norm / (u_norm + eps)
+      if max_trust_ratio is not None:
+        r = jnp.minimum(r, max_trust_ratio)
+      return jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
+
+    ratios = jax.tree.map(ratio, updates, params)
+    updates = jax.tree.map(lambda u, r: (u * r).astype(u.dtype), updates, ratios)
+    return updates, ScaleByTrustRatioState(trust_ratio=ratios)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_global_norm(max_norm: float = 1.0,
+                        axis_name: Optional[str] = None) -> optax.GradientTransformation:
+  """``g * min(1, max_norm / ||g||_global)``; with ``axis_name``, over sharded parameters.
+
+  ``optax.clip_by_global_norm`` with a mesh axis: parameters sharded over ``axis_name``
+  contribute their full norm. With ``max_norm=1`` this is NVLAMB's gradient
+  pre-normalisation (divide by the global norm when it exceeds 1).
+
+  Args:
+    max_norm: the largest global norm let through.
+    axis_name: a mesh axis the gradients are sharded over, or None.
+
+  Returns:
+    A stateless ``optax.GradientTransformation``.
+
+  References:
+    NVIDIA's LAMB (NVLAMB); You et al. 2019, arXiv:1904.00962.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    total = sum(_sq_norm(u, axis_name) for u in jax.tree.leaves(updates))
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(total), 1e-30))
+    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def _decay(weight_decay, mask: MaskOrFn) -> optax.GradientTransformation:
+  mask = _resolve_mask(mask)
+  return optax.add_decayed_weights(weight_decay, mask=None if mask is True else mask)
+
+
+def _masked(inner: optax.GradientTransformation, mask: MaskOrFn) -> optax.GradientTransformation:
+  return optax.masked(inner, _resolve_mask(mask))
+
+
+def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
+         weight_decay: float = 0.0, trust_coefficient: float = 1e-3, eps: float = 0.0,
+         nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
+         trust_ratio_mask: MaskOrFn = None, max_trust_ratio: Optional[float] = None,
+         axis_name: Optional[str] = None) -> optax.GradientTransformation:
+  """LARS: momentum SGD with a layer-wise trust ratio.
+
+  Per layer, ``u = g + wd * w``; ``v <- m * v + lr * r * u``; ``w <- w - v``, with
+  ``r = trust_coefficient * ||w|| / (||u|| + eps)``.
+
+  The ratio divides by the norm of the decayed gradient, ``||g + wd w||`` (as optax, the
+  MLPerf reference and timm do), not by ``||g|| + wd ||w||`` as printed in the paper: the
+  exact norm of the update that is scaled. Parameters outside ``trust_ratio_mask`` get
+  plain momentum SGD; outside ``weight_decay_mask``, no decay.
+
+  Args:
+    learning_rate: global LR or schedule (``gamma_t``; warmup then poly decay in the paper).
+    momentum: ``m``.
+    weight_decay: ``beta``, added to the gradient before the trust ratio.
+    trust_coefficient: ``eta`` (1e-3 in the paper).
+    eps: added to the ratio's denominator.
+    nesterov: Nesterov momentum.
+    weight_decay_mask, trust_ratio_mask: ``None`` (default): weights only (``ndim > 1``);
+      ``True``: every parameter; a pytree or callable: used as given.
+    max_trust_ratio: clip the ratio above at this value.
+    axis_name: mesh axis the parameters are sharded over (see ``scale_by_trust_ratio``).
+
+  Returns:
+    An ``optax.GradientTransformation`` (a chain).
+
+  References:
+    You, Gitman, Ginsburg 2017, arXiv:1708.03888.
+  """
+  return optax.chain(
+      _decay(weight_decay, weight_decay_mask),
+      _masked(scale_by_trust_ratio(trust_coefficient, eps, max_trust_ratio=max_trust_ratio,
+                                   axis_name=axis_name), trust_ratio_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.trace(decay=momentum, nesterov=nesterov),
+  )
+
+
+def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-6, weight_decay: float = 0.0, weight_decay_mask: MaskOrFn = None,
+         trust_ratio_mask: MaskOrFn = None, max_trust_ratio: Optional[float] = None,
+         grad_prenorm: bool = False,
+         axis_name: Optional[str] = None) -> optax.GradientTransformation:
+  """LAMB: Adam's direction, decoupled weight decay, and a layer-wise trust ratio.
+
+  ``m, v`` as Adam with bias correction; ``r = m_hat / (sqrt(v_hat) + eps)``;
+  ``w <- w - lr * ||w|| / ||r + wd w|| * (r + wd w)`` (phi = identity, or clipped at
+  ``max_trust_ratio``).
+
+  Args:
+    learning_rate: global LR or schedule.
+    b1, b2, eps: Adam's moment decays and epsilon.
+    weight_decay: ``lambda``, decoupled (added to the Adam direction).
+    weight_decay_mask, trust_ratio_mask: as in ``lars``; the LAMB paper's code excludes
+      LayerNorm and biases from both, which is the default.
+    max_trust_ratio: clip the ratio above (timm ``trust_clip``: 1.0; DeepSpeed ``max_coeff``).
+    grad_prenorm: first divide the gradients by their global norm when it exceeds 1 (NVLAMB).
+    axis_name: mesh axis the parameters are sharded over.
+
+  Returns:
+    An ``optax.GradientTransformation`` (a chain).
+
+  References:
+    You et al. 2019, arXiv:1904.00962.
+  """
+  return optax.chain(
+      clip_by_global_norm(1.0, axis_name) if grad_prenorm else optax.identity(),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      _decay(weight_decay, weight_decay_mask),
+      _masked(scale_by_trust_ratio(max_trust_ratio=max_trust_ratio, axis_name=axis_name),
+              trust_ratio_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def tvlars_factor(step, decay_rate: float, delay_steps: int, alpha: float = 1.0,
+                  min_factor: float = 0.0):
+  """TVLARS's time-varying factor ``phi_t = 1 / (alpha + exp(lambda (t - d))) + gamma_min``.
+
+  About ``1/alpha`` while ``t`` is well before the delay ``d``, then a sigmoid-like
+  decline to ``gamma_min``.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  return 1.0 / (alpha + jnp.exp(decay_rate * (t - delay_steps))) + min_factor
+
+
+def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
+           delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0,
+           momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 1e-3,
+           eps: float = 0.0, nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
+           trust_ratio_mask: MaskOrFn = None,
+           axis_name: Optional[str] = None) -> optax.GradientTransformation:
+  """Time-Varying LARS: LARS whose trust ratio is scaled by ``tvlars_factor(t)``.
+
+  The factor replaces warmup. Early on it is about ``1/alpha``, so layers explore with
+  large ratios, where LARS with warmup would start near zero. After about
+  ``delay_steps`` it declines at rate ``decay_rate`` towards ``min_factor``, and LARS's
+  own ratio takes over. Use a constant or decaying ``learning_rate``, not a warmup.
+
+  This follows the factor ``phi(t) = 1/(alpha + exp(lambda (t - d_e))) + gamma_min`` of
+  Do et al. and, for where it applies, the authors' public reference code. The factor
+  multiplies the trust ratio of the adapted (masked-in) parameters. The paper's
+  equation numbers could not be checked here (no access to the paper).
+
+  Args:
+    learning_rate: global LR or schedule (``gamma_target``).
+    decay_rate: ``lambda``, the steepness of the decline (per step).
+    delay_steps: ``d_e`` in steps: where the decline is centred.
+    alpha: ``alpha``; the early factor is about ``1/alpha``.
+    min_factor: ``gamma_min``, the factor's floor.
+    momentum, weight_decay, trust_coefficient, eps, nesterov, weight_decay_mask,
+      trust_ratio_mask, axis_name: as in ``lars``.
+
+  Returns:
+    An ``optax.GradientTransformation`` (a chain).
+
+  References:
+    Do et al. 2023, arXiv:2309.14053; You et al. 2017, arXiv:1708.03888.
+  """
+  factor = lambda count: tvlars_factor(count, decay_rate, delay_steps, alpha, min_factor)
+  return optax.chain(
+      _decay(weight_decay, weight_decay_mask),
+      _masked(optax.chain(scale_by_trust_ratio(trust_coefficient, eps, axis_name=axis_name),
+                          optax.scale_by_schedule(factor)), trust_ratio_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.trace(decay=momentum, nesterov=nesterov),
+  )
+
+
+def trust_ratios(opt_state: Any) -> list:
+  """All per-parameter trust ratios held in ``opt_state`` (masked-out ones excluded)."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, ScaleByTrustRatioState):
+      found.extend(x for x in jax.tree.leaves(node.trust_ratio)
+                   if not isinstance(x, optax.MaskedNode))
+      return
+    if isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+    elif isinstance(node, dict):
+      for child in node.values():
+        visit(child)
+
+  visit(opt_state)
+  return found
+
+
+def trust_ratio_stats(opt_state: Any) -> dict:
+  """``trust_ratio/{min,median,max}`` over the parameters, or ``{}`` if none are held."""
+  ratios = trust_ratios(opt_state)
+  if not ratios:
+    return {}
+  r = jnp.stack([jnp.asarray(x, jnp.float32) for x in ratios])
+  return {"trust_ratio/min": r.min(), "trust_ratio/median": jnp.median(r),
+          "trust_ratio/max": r.max()}
