@@ -16,7 +16,7 @@ from effjax.data import AUGMENTATIONS, SPECS
 from effjax.distributed import INITIALIZE_MODES
 from effjax.models import MODELS, NORMS
 from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
-                          scale_learning_rate)
+                          ema_decay_for_batch, scale_learning_rate)
 from effjax.parallel import PARALLEL_MODES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm = "batch"
   c.model.widths = (64, 128, 128)
   c.model.kernel_size = 5
+  c.model.num_layers = 2   # transformer only.
+  c.model.num_heads = 4    # transformer only.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "momentum"
@@ -91,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.power = 2.0
   c.schedule.decay_fraction = 0.1
 
+  c.ema = ml_collections.ConfigDict()
+  c.ema.enabled = False        # Keep an EMA of the parameters and also evaluate it.
+  c.ema.decay = 0.999          # Momentum tuned at ema.base_batch_size.
+  c.ema.base_batch_size = 256  # ema.scaled_decay = decay ** (batch_size / base_batch_size).
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0   # 0: only at the end.
   c.checkpoint.max_to_keep = 3
@@ -111,8 +118,8 @@ def derive(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """(Re)links the derived fields to the values they depend on.
 
   ``steps_per_epoch``, ``num_train_steps``, ``schedule.warmup_steps``,
-  ``eval_every_steps`` and ``optimizer.learning_rate`` (from ``scale_learning_rate``)
-  become FieldReferences, so ``--config.batch_size=...`` rescales them all.
+  ``eval_every_steps``, ``optimizer.learning_rate`` (from ``scale_learning_rate``) and
+  ``ema.scaled_decay`` (from ``ema_decay_for_batch``) become FieldReferences, so ``--config.batch_size=...`` rescales them all.
   """
   o = c.optimizer
   rule = o.scaling_rule
@@ -125,6 +132,8 @@ def derive(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval_every_steps = (c.get_ref("eval_every_epochs") * c.get_ref("steps_per_epoch")).to_int()
   c.optimizer.tvlars.delay_steps = (c.optimizer.tvlars.get_ref("delay_epochs")
                                     * c.get_ref("steps_per_epoch")).to_int()
+  c.ema.scaled_decay = ema_decay_for_batch(c.ema.get_ref("decay"), c.get_ref("batch_size"),
+                                           c.ema.get_ref("base_batch_size"))
   o.learning_rate = scale_learning_rate(o.get_ref("base_learning_rate"), c.get_ref("batch_size"),
                                         o.get_ref("base_batch_size"), rule)
   return c
@@ -203,6 +212,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         f"optimizer.learning_rate={c.optimizer.learning_rate!r} does not follow "
         f"scaling_rule={c.optimizer.scaling_rule!r} (expected {expected:g} for batch_size="
         f"{c.batch_size}); set optimizer.base_learning_rate instead")
+  if not 0.0 <= c.ema.decay < 1.0:
+    raise ConfigError(f"ema.decay={c.ema.decay!r} must be in [0, 1)")
+  _check_positive("ema.base_batch_size", c.ema.base_batch_size)
   if c.optimizer.weight_decay < 0:
     raise ConfigError(f"optimizer.weight_decay={c.optimizer.weight_decay!r} must be >= 0")
   if not 0 <= c.label_smoothing < 1:

@@ -17,7 +17,7 @@ from effjax.optim.transforms import trust_ratio_stats
 from effjax.parallel import DATA_AXIS, global_norm
 
 # The fields of a TrainState that are data (and go into checkpoints).
-STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "nonfinite_step")
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "nonfinite_step", "ema_params")
 
 
 class TrainState(struct.PyTreeNode):
@@ -30,6 +30,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: the optax state.
     nonfinite_step: the first step whose loss or gradient was NaN/Inf, or -1. From that
       step on, updates are not applied, so the parameters stay the last finite ones.
+    ema_params: an exponential moving average of ``params`` (an empty dict when off).
     apply_fn, tx, schedule: the model's apply, the optimizer, the LR schedule (static).
   """
   step: jax.Array
@@ -37,6 +38,7 @@ class TrainState(struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   nonfinite_step: jax.Array
+  ema_params: Any
   apply_fn: Callable = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   schedule: Callable = struct.field(pytree_node=False)
@@ -53,15 +55,17 @@ class TrainState(struct.PyTreeNode):
 
 
 def create_train_state(rng: jax.Array, model: flax.linen.Module, tx, schedule,
-                       input_shape: tuple[int, ...]) -> TrainState:
-  """Initialises parameters (with a batch of one) and the optimizer state, on the host."""
+                       input_shape: tuple[int, ...], ema: bool = False) -> TrainState:
+  """Initialises parameters (with a batch of one), the optimizer state and, if ``ema``,
+  the parameter EMA (starting at the initial parameters), on the host."""
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + tuple(input_shape)),
                                            train=False))(rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    nonfinite_step=jnp.full((), -1, jnp.int32), apply_fn=model.apply, tx=tx,
-                    schedule=schedule)
+                    nonfinite_step=jnp.full((), -1, jnp.int32),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+                    apply_fn=model.apply, tx=tx, schedule=schedule)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
@@ -73,7 +77,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0):
+def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
+               ema_decay: float = 0.0):
   """One optimizer step on this replica's share of the global batch.
 
   The loss is the mean over this replica's examples; gradients are averaged over
@@ -85,6 +90,8 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0):
     state: the replicated ``TrainState``.
     batch: ``{'input': [b, ...], 'label': [b]}``, this replica's rows.
     label_smoothing: label-smoothing factor for the cross-entropy.
+    ema_decay: momentum of the parameter EMA, if the state keeps one (scale it with the
+      batch size by ``effjax.optim.ema_decay_for_batch``).
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
@@ -110,8 +117,13 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0):
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
   ok = finite & (state.nonfinite_step < 0)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  ema_params = state.ema_params
+  if ema_params:
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                              ema_params, params)
   new_state = state.replace(
       step=state.step + 1,
+      ema_params=keep(ema_params, state.ema_params),
       params=keep(params, state.params),
       batch_stats=keep(batch_stats, state.batch_stats),
       opt_state=keep(opt_state, state.opt_state),

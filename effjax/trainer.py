@@ -115,11 +115,11 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Se
   model = models.create_model(config.model, spec.num_classes, _dtype(config))
   tx, schedule = optim.create_optimizer(config, config.num_train_steps)
   state = steps.create_train_state(jax.random.key(config.seed), model, tx, schedule,
-                                   spec.input_shape)
+                                   spec.input_shape, ema=config.ema.enabled)
   return Setup(config, runner, spec, model, state, train, evals)
 
 
-def evaluate(setup: Setup, device_state, eval_fn=None) -> dict:
+def evaluate(setup: Setup, device_state, eval_fn=None, prefix: str = "eval") -> dict:
   """Loss and accuracy over the whole eval split (the last batch padded and masked)."""
   runner, config = setup.runner, setup.config
   eval_fn = eval_fn or runner.compile(steps.eval_step, donate_state=False)
@@ -132,9 +132,18 @@ def evaluate(setup: Setup, device_state, eval_fn=None) -> dict:
     sums = eval_fn(device_state, runner.shard_batch(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = runner.to_host(totals)
-  return {"eval/loss": float(totals["loss"] / totals["count"]),
-          "eval/accuracy": float(totals["correct"] / totals["count"]),
-          "eval/count": int(totals["count"])}
+  return {f"{prefix}/loss": float(totals["loss"] / totals["count"]),
+          f"{prefix}/accuracy": float(totals["correct"] / totals["count"]),
+          f"{prefix}/count": int(totals["count"])}
+
+
+def evaluate_all(setup: Setup, device_state, eval_fn=None) -> dict:
+  """``evaluate`` on the parameters and, when the state keeps one, on their EMA."""
+  out = evaluate(setup, device_state, eval_fn)
+  if device_state.ema_params:
+    out.update(evaluate(setup, device_state.replace(params=device_state.ema_params), eval_fn,
+                        prefix="eval_ema"))
+  return out
 
 
 def _save_config(workdir: str, config) -> None:
@@ -188,8 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if primary:
     _save_config(workdir, config)
 
-  train_fn = runner.compile(functools.partial(steps.train_step,
-                                              label_smoothing=config.label_smoothing))
+  train_fn = runner.compile(functools.partial(
+      steps.train_step, label_smoothing=config.label_smoothing,
+      ema_decay=config.ema.scaled_decay if config.ema.enabled else 0.0))
   eval_fn = runner.compile(steps.eval_step, donate_state=False)
   train_pre, _ = preprocess_fns(config, setup.spec)
   ds = data_lib.train_dataset(
@@ -233,8 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
                        epoch=step / config.steps_per_epoch)
         if eval_now:
-          last_eval = evaluate(setup, state, eval_fn)
-          scalars.update({k: v for k, v in last_eval.items() if k != "eval/count"})
+          last_eval = evaluate_all(setup, state, eval_fn)
+          scalars.update({k: v for k, v in last_eval.items() if not k.endswith("/count")})
         writer.write(step, scalars)
         progress.update(step, steps_per_sec, scalars,
                         f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
@@ -251,12 +261,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress.message(f"stopped after step {step} of {total}; re-run to resume")
     return {"final_step": int(step), "stopped": True}
   if not last_eval:  # Resumed a finished run: evaluate what is there.
-    last_eval = evaluate(setup, state, eval_fn)
+    last_eval = evaluate_all(setup, state, eval_fn)
   summary = {
       "final_step": int(step),
       "eval/accuracy": last_eval["eval/accuracy"],
       "eval/loss": last_eval["eval/loss"],
       "eval/count": last_eval["eval/count"],
+      **{k: v for k, v in last_eval.items() if k.startswith("eval_ema/")},
       "wall_time_sec": time.perf_counter() - t_start,
       "batch_size": config.batch_size,
       "num_devices": runner.num_devices,

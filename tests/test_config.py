@@ -17,12 +17,14 @@ def _load(name, arg=None):
 
 
 @pytest.mark.parametrize("name, devices", [("mnist1d_sgd", 8), ("mnist1d_large_batch", 8),
+                                           ("mnist1d_lamb", 8),
                                            ("cifar10_resnet18", 32), ("imagenet_resnet50", 256)])
 def test_shipped_configs_validate(name, devices):
   c = _load(name)
   config_lib.validate(c, devices)
+  power = {"linear": 1.0, "sqrt": 0.5}[c.optimizer.scaling_rule]
   assert c.optimizer.learning_rate == pytest.approx(
-      c.optimizer.base_learning_rate * c.batch_size / c.optimizer.base_batch_size)
+      c.optimizer.base_learning_rate * (c.batch_size / c.optimizer.base_batch_size) ** power)
 
 
 def test_imagenet_config_derives_goyal_numbers():

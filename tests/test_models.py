@@ -23,9 +23,10 @@ def test_resnet_parameter_counts_match_the_references():
 
 @pytest.mark.parametrize("norm", models.NORMS)
 @pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("cnn1d", (40,)),
-                                         ("resnet20", (16, 16, 3))])
+                                         ("transformer", (40,)), ("resnet20", (16, 16, 3))])
 def test_every_model_takes_every_norm(name, norm, shape):
-  cfg = ml_collections.ConfigDict(dict(name=name, norm=norm, widths=(8, 8), kernel_size=3))
+  cfg = ml_collections.ConfigDict(dict(name=name, norm=norm, widths=(8, 8), kernel_size=3,
+                                      num_layers=1, num_heads=2))
   model = models.create_model(cfg, 10)
   x = jax.random.normal(jax.random.key(1), (4,) + shape)
   variables = model.init(jax.random.key(0), x, train=False)

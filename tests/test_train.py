@@ -1,5 +1,6 @@
 """The training loop end to end: outputs, accuracy, resume, non-finite stop."""
 
+import functools
 import json
 import os
 
@@ -47,7 +48,8 @@ def test_train_writes_metrics_and_summary_and_learns(data_dir, tmp_path):
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path):
-  config = tiny_config(data_dir, num_epochs=2.0, **{"checkpoint.every_steps": 7})
+  config = tiny_config(data_dir, num_epochs=2.0, **{"checkpoint.every_steps": 7,
+                                                    "ema.enabled": True})
   full = effjax.train_and_evaluate(config, str(tmp_path / "a"), verbose=False)
   part = effjax.train_and_evaluate(config, str(tmp_path / "b"), verbose=False, stop_after=23)
   assert part == {"final_step": 23, "stopped": True}
@@ -59,6 +61,8 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)  # Bitwise on CPU.
   assert resumed["eval/accuracy"] == full["eval/accuracy"]
+  assert resumed["eval_ema/accuracy"] == full["eval_ema/accuracy"]
+  assert len(jax.tree.leaves(a["ema_params"])) == len(jax.tree.leaves(a["params"]))
   rows_a = read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
   rows_b = read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
   loss = lambda rows, s: [r["train/loss"] for r in rows if r["step"] == s]
@@ -79,3 +83,37 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_finite_params(data_dir, tm
   ck.close()
   assert latest is None or latest <= bad
   assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb", "tvlars"])
+def test_layerwise_optimizers_train_and_log_trust_ratios(data_dir, tmp_path, name):
+  lr = {"lars": 2.0, "lamb": 4e-2, "tvlars": 2.0}[name]
+  config = tiny_config(data_dir, num_epochs=3.0, **{"optimizer.name": name,
+                                                    "optimizer.base_learning_rate": lr,
+                                                    "log_every": 31})
+  summary = effjax.train_and_evaluate(config, str(tmp_path), verbose=False)
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  for r in rows:
+    assert 0 < r["trust_ratio/min"] <= r["trust_ratio/median"] <= r["trust_ratio/max"]
+  assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+  assert summary["eval/accuracy"] > 0.6
+
+
+def test_parameter_ema_follows_its_recurrence_with_the_scaled_decay(data_dir):
+  config = tiny_config(data_dir, batch_size=1024, **{"ema.enabled": True, "ema.decay": 0.9,
+                                                     "ema.base_batch_size": 256})
+  assert config.ema.scaled_decay == pytest.approx(0.9 ** 4)  # "How to Scale Your EMA".
+  setup = effjax.trainer.build(config)
+  runner = setup.runner
+  state = setup.state.replace(**runner.replicate(setup.state.items()))
+  fn = runner.compile(functools.partial(effjax.train_step, ema_decay=config.ema.scaled_decay))
+  pre, _ = effjax.trainer.preprocess_fns(config, setup.spec)
+  it = iter(effjax.data.train_dataset(setup.train_source, pre, global_batch_size=1024, seed=0))
+  d = config.ema.scaled_decay
+  expected = jax.device_get(setup.state.params)
+  for _ in range(3):
+    state, _ = fn(state, runner.shard_batch(next(it)))
+    params = jax.device_get(runner.to_host(state.params))
+    expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expected, params)
+  for x, y in zip(jax.tree.leaves(runner.to_host(state.ema_params)), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

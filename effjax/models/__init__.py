@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from effjax.models.norms import NORMS, make_norm
 from effjax.models.resnet import ResNet, resnet18, resnet20, resnet50
 from effjax.models.simple import CNN1D, MLP
+from effjax.models.transformer import TransformerEncoder
 
-MODELS = ("mlp", "cnn1d", "resnet20", "resnet18", "resnet50")
+MODELS = ("mlp", "cnn1d", "transformer", "resnet20", "resnet18", "resnet50")
 
 
 def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
@@ -16,7 +17,8 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
 
   Args:
     model_config: ``config.model``: ``name``, ``norm`` and, for ``mlp``/``cnn1d``,
-      ``widths`` (and ``kernel_size`` for ``cnn1d``).
+      ``widths`` (and ``kernel_size`` for ``cnn1d``); for ``transformer``, ``widths`` is
+      ``(width,)`` and ``num_layers``/``num_heads`` set the encoder.
     num_classes: classifier outputs.
     dtype: compute dtype of activations; parameters stay float32.
 
@@ -29,6 +31,10 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
   if name == "cnn1d":
     return CNN1D(num_classes, tuple(model_config.widths), model_config.kernel_size, norm=norm,
                  dtype=dtype)
+  if name == "transformer":
+    return TransformerEncoder(num_classes, width=int(model_config.widths[0]),
+                              num_layers=model_config.num_layers,
+                              num_heads=model_config.num_heads, norm=norm, dtype=dtype)
   if name == "resnet20":
     return resnet20(num_classes, norm=norm, dtype=dtype)
   if name == "resnet18":

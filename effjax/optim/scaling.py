@@ -43,6 +43,7 @@ def ema_decay_for_batch(decay: float, batch_size, base_batch_size) -> float:
     decay: the EMA momentum ``rho`` at ``base_batch_size`` (e.g. 0.9999).
     batch_size: the new global batch size.
     base_batch_size: the batch size ``decay`` was tuned at.
+    (Numbers or ``ml_collections.FieldReference``s, for lazily derived config values.)
 
   Returns:
     ``decay ** (batch_size / base_batch_size)``.
@@ -50,6 +51,6 @@ def ema_decay_for_batch(decay: float, batch_size, base_batch_size) -> float:
   References:
     Busbridge et al. 2023, arXiv:2307.13813 ("How to Scale Your EMA").
   """
-  if not 0.0 <= decay <= 1.0:
+  if isinstance(decay, (int, float)) and not 0.0 <= decay <= 1.0:
     raise ValueError(f"EMA decay={decay!r} must be in [0, 1]")
   return decay ** (batch_size / base_batch_size)

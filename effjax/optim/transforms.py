@@ -136,8 +136,8 @@ def _masked(inner: optax.GradientTransformation, mask: MaskOrFn) -> optax.Gradie
 def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
          weight_decay: float = 0.0, trust_coefficient: float = 1e-3, eps: float = 0.0,
          nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
-         trust_ratio_mask: MaskOrFn = None, max_trust_ratio: Optional[float] = None,
-         axis_name: Optional[str] = None) -> optax.GradientTransformation:
+         trust_ratio_mask: MaskOrFn = None, axis_name: Optional[str] = None,
+         max_trust_ratio: Optional[float] = None) -> optax.GradientTransformation:
   """LARS: momentum SGD with a layer-wise trust ratio.
 
   Per layer, ``u = g + wd * w``; ``v <- m * v + lr * r * u``; ``w <- w - v``, with
@@ -157,8 +157,8 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     nesterov: Nesterov momentum.
     weight_decay_mask, trust_ratio_mask: ``None`` (default): weights only (``ndim > 1``);
       ``True``: every parameter; a pytree or callable: used as given.
-    max_trust_ratio: clip the ratio above at this value.
     axis_name: mesh axis the parameters are sharded over (see ``scale_by_trust_ratio``).
+    max_trust_ratio: clip the ratio above at this value.
 
   Returns:
     An ``optax.GradientTransformation`` (a chain).
