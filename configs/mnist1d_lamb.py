@@ -17,13 +17,14 @@ Size argument: ``:small`` (20K examples, 4 epochs).
 """
 
 from effjax.config import base_config, derive
+from effjax.data import mnist1d_train_size
 
 
 def get_config(size: str = "full"):
   c = base_config()
   c.dataset.name = "mnist1d"
   c.dataset.num_examples = 100_000
-  c.dataset.num_train_examples = (c.dataset.get_ref("num_examples") // 10) * 8
+  c.dataset.num_train_examples = mnist1d_train_size(c.dataset.get_ref("num_examples"))
   c.batch_size = 1024
   c.eval_batch_size = 2048
   c.num_epochs = 15.0

@@ -33,7 +33,8 @@ def test_mnist1d_scales_to_n_examples(tmp_path):
   ref = make_dataset(args)
   train = _split_by_id(str(tmp_path), "mnist1d", "train", num_examples=3000)
   test = _split_by_id(str(tmp_path), "mnist1d", "test", num_examples=3000)
-  assert len(train["label"]) == 2400 and len(test["label"]) == 600
+  assert len(train["label"]) == 2400 == data.mnist1d_train_size(3000)
+  assert len(test["label"]) == 600
   np.testing.assert_array_equal(train["input"], ref["x"].astype(np.float32))
   np.testing.assert_array_equal(test["label"], ref["y_test"])
 

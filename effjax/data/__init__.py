@@ -1,6 +1,6 @@
 """Datasets (TFDS builders, catalogue) and grain input pipelines."""
 
-from effjax.data.builders import Digits, Mnist1d, mnist1d_config
+from effjax.data.builders import Digits, Mnist1d, mnist1d_config, mnist1d_train_size
 from effjax.data.datasets import (ArraySource, DatasetError, DatasetSpec, EMBEDDED, SPECS,
                                   RecordSource, default_data_dir, get_builder, get_spec,
                                   load_split)

@@ -25,6 +25,13 @@ class Mnist1dConfig(tfds.core.BuilderConfig):
   num_examples: int = MNIST1D_CANONICAL_SIZE
 
 
+def mnist1d_train_size(num_examples):
+  """Train-split size of ``n<num_examples>``: the generator makes ``num_examples // 10``
+  examples per class and puts the first 80% in train. Works on ints and on
+  ``ml_collections.FieldReference``s, so a config can derive it lazily."""
+  return (num_examples // 10) * 8
+
+
 def mnist1d_config(num_examples: int) -> Mnist1dConfig:
   """Returns the builder config that generates ``num_examples`` mnist1d examples."""
   return Mnist1dConfig(
