@@ -27,10 +27,9 @@ flags.DEFINE_integer("repeats", 3, "Interleaved repeats of each measurement (med
 
 def main(_):
   logging.set_verbosity(logging.WARNING)
-  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from effjax import data as data_lib, steps, trainer  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib, trainer  # pylint: disable=g-import-not-at-top
 
   config, n = FLAGS.config, FLAGS.steps
   setup = trainer.build(config)
@@ -41,7 +40,7 @@ def main(_):
       num_threads=config.input.num_threads, prefetch_buffer_size=config.input.host_prefetch,
       num_workers=config.input.num_workers)
 
-  fn = runner.compile(functools.partial(steps.train_step, label_smoothing=config.label_smoothing))
+  fn = runner.compile(trainer.make_train_step(config))
   state = setup.state.replace(**runner.replicate(setup.state.items()))
   it = iter(make())
   batch = runner.shard_batch(next(it))

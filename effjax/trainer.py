@@ -146,6 +146,19 @@ def evaluate_all(setup: Setup, device_state, eval_fn=None) -> dict:
   return out
 
 
+def make_train_step(config):
+  """``train_step`` with the config's step hyperparameters bound (label smoothing, EMA)."""
+  return functools.partial(
+      steps.train_step, label_smoothing=config.label_smoothing,
+      ema_decay=config.ema.scaled_decay if config.ema.enabled else 0.0)
+
+
+def _raise_if_nonfinite(runner: Runner, state) -> None:
+  bad = int(runner.to_host(state.nonfinite_step))
+  if bad >= 0:
+    raise NonFiniteError(bad)
+
+
 def _save_config(workdir: str, config) -> None:
   path = os.path.join(workdir, "config.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -197,9 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if primary:
     _save_config(workdir, config)
 
-  train_fn = runner.compile(functools.partial(
-      steps.train_step, label_smoothing=config.label_smoothing,
-      ema_decay=config.ema.scaled_decay if config.ema.enabled else 0.0))
+  train_fn = runner.compile(make_train_step(config))
   eval_fn = runner.compile(steps.eval_step, donate_state=False)
   train_pre, _ = preprocess_fns(config, setup.spec)
   ds = data_lib.train_dataset(
@@ -216,9 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save(step):
     # Never checkpoint past a non-finite step: the newest checkpoint stays the last good one.
-    bad = int(runner.to_host(state.nonfinite_step))
-    if bad >= 0:
-      raise NonFiniteError(bad)
+    _raise_if_nonfinite(runner, state)
     checkpointer.save(step, runner.unreplicate(state).items(), data_state)
 
   pending: list = []
@@ -236,9 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.log_every == 0 or eval_now:
         host = runner.to_host(pending)
         scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        bad = int(runner.to_host(state.nonfinite_step))
-        if bad >= 0:
-          raise NonFiniteError(bad)
+        _raise_if_nonfinite(runner, state)
         steps_per_sec, examples_per_sec = progress.rates(step)
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
                        epoch=step / config.steps_per_epoch)
@@ -303,7 +310,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   batch = {"input": jax.ShapeDtypeStruct((per_device,) + tuple(setup.spec.input_shape),
                                          jnp.float32, sharding=runner.sharded),
            "label": jax.ShapeDtypeStruct((per_device,), jnp.int32, sharding=runner.sharded)}
-  fn = runner.compile(functools.partial(steps.train_step, label_smoothing=config.label_smoothing))
+  fn = runner.compile(make_train_step(config))
   compiled = fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import jax
 import optax
 
 from effjax.optim import transforms
@@ -17,7 +16,7 @@ def decay_mask(kind: str):
   if kind == "all":
     return None
   if kind == "ndim>1":
-    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return transforms.default_mask
   raise ValueError(f"optimizer.weight_decay_mask={kind!r} is not one of {WEIGHT_DECAY_MASKS}")
 
 
