@@ -4,7 +4,7 @@ Public API:
   * ``effjax.train_and_evaluate(config, workdir)``, ``effjax.dry_run(config)``
   * ``effjax.train_step``, ``effjax.eval_step``, ``effjax.TrainState``
   * ``effjax.Runner`` (shard_map / pmap), ``effjax.DATA_AXIS``
-  * subpackages ``effjax.data``, ``effjax.models``, ``effjax.optim``; modules
+  * subpackages ``effjax.data``, ``effjax.models``, ``effjax.nn``, ``effjax.optim``; modules
     ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``.
 """
 
@@ -13,9 +13,9 @@ from effjax import parallel
 parallel.size_cpu_thread_pool()  # Before any JAX computation; see its docstring.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from effjax import checkpoint, config, data, distributed, metrics, models, optim
+from effjax import checkpoint, config, data, distributed, metrics, models, nn, optim
 from effjax.config import ConfigError, base_config, validate
-from effjax.parallel import DATA_AXIS, Runner, global_norm, make_mesh
+from effjax.parallel import DATA_AXIS, Runner, global_norm, group_psum, make_mesh
 from effjax.steps import TrainState, create_train_state, cross_entropy, eval_step, train_step
 from effjax.trainer import EXIT_NONFINITE, NonFiniteError, dry_run, evaluate, train_and_evaluate
 

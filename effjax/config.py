@@ -14,7 +14,7 @@ from ml_collections import config_dict
 
 from effjax.data import AUGMENTATIONS, SPECS
 from effjax.distributed import INITIALIZE_MODES
-from effjax.models import MODELS, NORMS
+from effjax.models import CONVS, MODELS, NORMS
 from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
                           ema_decay_for_batch, scale_learning_rate)
 from effjax.parallel import PARALLEL_MODES
@@ -56,7 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn1d"
-  c.model.norm = "batch"
+  c.model.norm = "batch"            # One of effjax.models.NORMS.
+  c.model.norm_momentum = 0.9       # Running averages (BCN: 1 - estimate update rate).
+  c.model.norm_groups = 32          # group / batch_channel: channel groups (at most).
+  c.model.bn_group_size = 2         # group_batch: replicas per BN group.
+  c.model.virtual_batch_size = 32   # ghost_batch: examples per ghost batch.
+  c.model.bcn_estimated = True      # batch_channel: micro-batch (estimated statistics).
+  c.model.conv = "auto"             # One of effjax.models.CONVS; auto: ws for batch_channel.
   c.model.widths = (64, 128, 128)
   c.model.kernel_size = 5
   c.model.num_layers = 2   # transformer only.
@@ -185,6 +191,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _check_choice("dataset.name", c.dataset.name, SPECS)
   _check_choice("model.name", c.model.name, MODELS)
   _check_choice("model.norm", c.model.norm, NORMS)
+  _check_choice("model.conv", c.model.conv, CONVS)
+  for name in ("model.norm_groups", "model.bn_group_size", "model.virtual_batch_size"):
+    _check_positive(name, _get(c, name), integer=True)
+  if not 0.0 <= c.model.norm_momentum < 1.0:
+    raise ConfigError(f"model.norm_momentum={c.model.norm_momentum!r} must be in [0, 1)")
   _check_choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
   _check_choice("optimizer.scaling_rule", c.optimizer.scaling_rule, SCALING_RULES)
   _check_choice("optimizer.weight_decay_mask", c.optimizer.weight_decay_mask, WEIGHT_DECAY_MASKS)
@@ -241,3 +252,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       if c[name] % num_devices:
         raise ConfigError(f"{name}={c[name]} is not divisible by the {num_devices} devices; "
                           f"use a multiple of {num_devices}")
+    if c.model.norm == "group_batch" and num_devices % c.model.bn_group_size:
+      raise ConfigError(f"model.bn_group_size={c.model.bn_group_size} does not divide the "
+                        f"{num_devices} devices; use a divisor of {num_devices}")
+    per_device = c.batch_size // num_devices
+    if c.model.norm == "ghost_batch" and per_device % c.model.virtual_batch_size:
+      raise ConfigError(f"model.virtual_batch_size={c.model.virtual_batch_size} does not "
+                        f"divide the per-device batch of {per_device}; use a divisor of it")

@@ -232,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   pending: list = []
   last_eval: dict = {}
+  last_train: dict = {}
   step = start
   end = total if stop_after is None else min(total, max(stop_after, start))
   try:
@@ -245,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.log_every == 0 or eval_now:
         host = runner.to_host(pending)
         scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        last_train = {k: scalars[k] for k in ("train/loss", "train/accuracy")}
         _raise_if_nonfinite(runner, state)
         steps_per_sec, examples_per_sec = progress.rates(step)
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
@@ -275,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "eval/loss": last_eval["eval/loss"],
       "eval/count": last_eval["eval/count"],
       **{k: v for k, v in last_eval.items() if k.startswith("eval_ema/")},
+      **last_train,  # Means over the last log_every steps (absent after a bare resume).
       "wall_time_sec": time.perf_counter() - t_start,
       "batch_size": config.batch_size,
       "num_devices": runner.num_devices,

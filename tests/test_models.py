@@ -6,7 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jax.sharding import Mesh, PartitionSpec as P
+
 from effjax import models
+from effjax.parallel import DATA_AXIS
 
 
 def _count(model, shape):
@@ -25,18 +28,30 @@ def test_resnet_parameter_counts_match_the_references():
 @pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("cnn1d", (40,)),
                                          ("transformer", (40,)), ("resnet20", (16, 16, 3))])
 def test_every_model_takes_every_norm(name, norm, shape):
+  """Init on one device, then a train-mode and an eval-mode forward pass on 8 replicas."""
   cfg = ml_collections.ConfigDict(dict(name=name, norm=norm, widths=(8, 8), kernel_size=3,
-                                      num_layers=1, num_heads=2))
+                                      num_layers=1, num_heads=2, virtual_batch_size=2,
+                                      norm_groups=4))
   model = models.create_model(cfg, 10)
-  x = jax.random.normal(jax.random.key(1), (4,) + shape)
-  variables = model.init(jax.random.key(0), x, train=False)
-  has_stats = "batch_stats" in variables
-  assert has_stats == (norm in ("batch", "sync_batch"))
-  if norm == "sync_batch":
-    return  # Needs the data axis; tests/test_parallel.py runs it under shard_map and pmap.
-  logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  assert logits.shape == (4, 10) and logits.dtype == jnp.float32
-  assert np.all(np.isfinite(logits))
+  x = jax.random.normal(jax.random.key(1), (32,) + shape)
+  variables = model.init(jax.random.key(0), x[:4], train=False)
+  assert ("batch_stats" in variables) == (norm in models.BATCH_NORMS)
+
+  def fwd(v, xl):
+    logits, new = model.apply(v, xl, train=True, mutable=["batch_stats"])
+    return logits, jax.tree.map(lambda a: a[None], new), model.apply(new | {
+        "params": v["params"]}, xl, train=False)
+
+  mesh = Mesh(np.array(jax.devices()), (DATA_AXIS,))
+  logits, new, eval_logits = jax.jit(jax.shard_map(
+      fwd, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS),
+      check_vma=False))(variables, x)
+  assert logits.shape == (32, 10) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits)) and np.all(np.isfinite(eval_logits))
+  if norm in models.BATCH_NORMS and norm != "batch":
+    # The norm layers average their running statistics over the replicas themselves.
+    for leaf in jax.tree.leaves(new):
+      np.testing.assert_allclose(leaf, np.broadcast_to(leaf[:1], leaf.shape), atol=1e-6)
 
 
 def test_residual_blocks_start_as_identity():

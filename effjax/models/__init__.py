@@ -4,7 +4,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from effjax.models.norms import NORMS, make_norm
+from effjax.models.norms import (BATCH_NORMS, CONVS, NORMS, NormConfig, make_conv,
+                                 make_norm)
 from effjax.models.resnet import ResNet, resnet18, resnet20, resnet50
 from effjax.models.simple import CNN1D, MLP
 from effjax.models.transformer import TransformerEncoder
@@ -16,7 +17,8 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
   """Builds the linen module named by ``model_config.name``.
 
   Args:
-    model_config: ``config.model``: ``name``, ``norm`` and, for ``mlp``/``cnn1d``,
+    model_config: ``config.model``: ``name``, the normalization (``norm`` and the keys
+      ``NormConfig.from_config`` reads) and, for ``mlp``/``cnn1d``,
       ``widths`` (and ``kernel_size`` for ``cnn1d``); for ``transformer``, ``widths`` is
       ``(width,)`` and ``num_layers``/``num_heads`` set the encoder.
     num_classes: classifier outputs.
@@ -25,7 +27,7 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
   Returns:
     A ``flax.linen.Module`` called as ``model.apply(variables, x, train=...)``.
   """
-  name, norm = model_config.name, model_config.norm
+  name, norm = model_config.name, NormConfig.from_config(model_config)
   if name == "mlp":
     return MLP(num_classes, tuple(model_config.widths), norm=norm, dtype=dtype)
   if name == "cnn1d":

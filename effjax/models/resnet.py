@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from effjax.models.norms import make_norm
+from effjax.models.norms import make_conv, make_norm
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -21,11 +21,13 @@ class BasicBlock(nn.Module):
   norm: Any
   dtype: Any
   zero_init_residual: bool = True
+  conv_cls: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME", use_bias=False,
-                                         kernel_init=_conv_init, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: self.conv_cls(f, (k, k), (s, s), padding="SAME",
+                                               use_bias=False, kernel_init=_conv_init,
+                                               dtype=self.dtype, name=name)
     y = nn.relu(self.norm(name="norm1")(conv(self.filters, 3, self.strides, "conv1")(x)))
     y = conv(self.filters, 3, 1, "conv2")(y)
     y = self.norm(name="norm2", scale_init=(nn.initializers.zeros if self.zero_init_residual
@@ -41,11 +43,13 @@ class Bottleneck(nn.Module):
   norm: Any
   dtype: Any
   zero_init_residual: bool = True
+  conv_cls: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME", use_bias=False,
-                                         kernel_init=_conv_init, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: self.conv_cls(f, (k, k), (s, s), padding="SAME",
+                                               use_bias=False, kernel_init=_conv_init,
+                                               dtype=self.dtype, name=name)
     y = nn.relu(self.norm(name="norm1")(conv(self.filters, 1, 1, "conv1")(x)))
     # ResNet v1.5: the stride is on the 3x3 convolution.
     y = nn.relu(self.norm(name="norm2")(conv(self.filters, 3, self.strides, "conv2")(y)))
@@ -64,28 +68,29 @@ class ResNet(nn.Module):
   block: str = "basic"
   widths: Sequence[int] = (64, 128, 256, 512)
   cifar_stem: bool = False
-  norm: str = "batch"
+  norm: Any = "batch"  # A NORMS name or a NormConfig.
   zero_init_residual: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = make_norm(self.norm, train=train, dtype=self.dtype)
+    conv = make_conv(self.norm, dtype=self.dtype)
     block = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     x = x.astype(self.dtype)
     if self.cifar_stem:
-      x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init,
-                  dtype=self.dtype, name="stem")(x)
+      x = conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init,
+               name="stem")(x)
       x = nn.relu(norm(name="stem_norm")(x))
     else:
-      x = nn.Conv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                  kernel_init=_conv_init, dtype=self.dtype, name="stem")(x)
+      x = conv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+               kernel_init=_conv_init, name="stem")(x)
       x = nn.relu(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
         x = block(self.widths[i], 2 if (i > 0 and j == 0) else 1, norm, self.dtype,
-                  self.zero_init_residual, name=f"stage{i + 1}_block{j + 1}")(x)
+                  self.zero_init_residual, conv, name=f"stage{i + 1}_block{j + 1}")(x)
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                     name="head")(x).astype(jnp.float32)

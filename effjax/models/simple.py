@@ -5,14 +5,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from effjax.models.norms import make_norm
+from effjax.models.norms import make_conv, make_norm
 
 
 class MLP(nn.Module):
   """Flatten, then ``[Dense -> norm -> ReLU] * len(widths)``, then a linear classifier."""
   num_classes: int
   widths: Sequence[int] = (512, 512)
-  norm: str = "batch"
+  norm: Any = "batch"  # A NORMS name or a NormConfig.
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -33,18 +33,18 @@ class CNN1D(nn.Module):
   num_classes: int
   widths: Sequence[int] = (64, 128, 128)
   kernel_size: int = 5
-  norm: str = "batch"
+  norm: Any = "batch"  # A NORMS name or a NormConfig.
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = make_norm(self.norm, train=train, dtype=self.dtype)
+    conv = make_conv(self.norm, dtype=self.dtype)
     if x.ndim == 2:
       x = x[..., None]
     x = x.astype(self.dtype)
     for i, w in enumerate(self.widths):
-      x = nn.Conv(w, (self.kernel_size,), strides=(1 if i == 0 else 2,), use_bias=False,
-                  dtype=self.dtype)(x)
+      x = conv(w, (self.kernel_size,), strides=(1 if i == 0 else 2,), use_bias=False)(x)
       x = nn.relu(norm()(x))
     x = jnp.concatenate([x.mean(axis=1), x.max(axis=1)], axis=-1)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -43,7 +43,7 @@ class TransformerEncoder(nn.Module):
   num_layers: int = 2
   num_heads: int = 4
   mlp_ratio: int = 4
-  norm: str = "layer"
+  norm: Any = "layer"  # A NORMS name or a NormConfig.
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -1,0 +1,314 @@
+"""Normalization maths as pure functions: batch statistics over devices, groups of devices
+or ghost batches; Batch-Channel Norm's estimated statistics and channel norm; weight
+standardization.
+
+Everything here is a function of arrays (and, for cross-replica statistics, a named
+axis), with no module state, so it can be tested against numpy and reused outside linen.
+The linen modules in ``effjax.nn.layers`` hold the parameters and running averages.
+"""
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from effjax.parallel import group_psum
+
+Axes = int | Sequence[int]
+
+
+def _axes(ndim: int, axes: Axes) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(sorted({a % ndim for a in axes}))
+
+
+def _stats_dtype(x: jax.Array):
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
+                  group_size: int | None = None, mask: jax.Array | None = None,
+                  use_fast_variance: bool = True):
+  """Mean and biased variance over ``reduction_axes`` and over a group of replicas.
+
+  The statistics are formed from sums and counts reduced over the replicas, so they are
+  exactly those of the concatenated examples, also when replicas hold different numbers
+  of real (unmasked) examples. (Averaging per-replica means, as ``lax.pmean`` of the
+  means does, weights replicas equally and is wrong then: flax issue #2417.)
+
+  Args:
+    x: this replica's activations.
+    reduction_axes: the axes of ``x`` to reduce (all but the feature axes).
+    axis_name: named data axis to reduce over too, or ``None`` for this replica only.
+    group_size: reduce over groups of this many consecutive replicas of ``axis_name``
+      (see ``effjax.parallel.group_psum``); ``None`` means all of them.
+    mask: optional array broadcastable to ``x``; only positions where it is nonzero count.
+    use_fast_variance: ``E[x^2] - E[x]^2`` in one reduction (clipped at 0), as flax does;
+      ``False`` takes the mean first, then ``E[(x - mean)^2]`` (two reductions).
+
+  Returns:
+    ``(mean, var, count)`` in at least float32, shaped like ``x`` with the reduced axes
+    kept as size 1; ``count`` is the number of examples behind each statistic.
+  """
+  dtype = _stats_dtype(x)
+  x = x.astype(dtype)
+  axes = _axes(x.ndim, reduction_axes)
+  if mask is None:
+    m = None
+    count = jnp.full([1 if a in axes else d for a, d in enumerate(x.shape)],
+                     math.prod(x.shape[a] for a in axes), dtype)
+  else:
+    m = jnp.broadcast_to(mask, x.shape).astype(bool)
+    x = jnp.where(m, x, 0)
+    count = jnp.sum(m, axes, keepdims=True, dtype=dtype)
+
+  def reduce(*sums):
+    stacked = jnp.stack(jnp.broadcast_arrays(*sums))  # one collective for all sums
+    if axis_name is not None:
+      stacked = group_psum(stacked, axis_name, group_size)
+    return tuple(stacked)
+
+  if use_fast_variance:
+    count, s1, s2 = reduce(count, jnp.sum(x, axes, keepdims=True),
+                           jnp.sum(jnp.square(x), axes, keepdims=True))
+    n = jnp.maximum(count, 1)
+    mean = s1 / n
+    var = jnp.maximum(s2 / n - jnp.square(mean), 0.0)
+  else:
+    count, s1 = reduce(count, jnp.sum(x, axes, keepdims=True))
+    n = jnp.maximum(count, 1)
+    mean = s1 / n
+    d = x - mean if m is None else jnp.where(m, x - mean, 0)
+    (s2,) = reduce(jnp.sum(jnp.square(d), axes, keepdims=True))
+    var = s2 / n
+  return mean, var, count
+
+
+def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array | None = None,
+              bias: jax.Array | None = None, *, epsilon: float = 1e-5, dtype: Any = None):
+  """``(x - mean) / sqrt(var + epsilon) * scale + bias``, cast to ``dtype`` (or x's).
+
+  All of ``mean``, ``var``, ``scale`` and ``bias`` must broadcast against ``x``.
+  """
+  mul = jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    mul = mul * scale
+  y = (x.astype(mul.dtype) - mean) * mul
+  if bias is not None:
+    y = y + bias
+  return y.astype(dtype or x.dtype)
+
+
+def _feature_view(p: jax.Array | None, ndim: int, feature_axes: tuple[int, ...]):
+  """Reshapes a feature-shaped parameter to broadcast against an ``ndim`` input."""
+  if p is None:
+    return None
+  shape = [1] * ndim
+  for a, d in zip(feature_axes, p.shape):
+    shape[a] = d
+  return p.reshape(shape)
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+               feature_axes: Axes = -1, epsilon: float = 1e-5, axis_name: Any = None,
+               group_size: int | None = None, virtual_batch_size: int | None = None,
+               mask: jax.Array | None = None, use_fast_variance: bool = True,
+               dtype: Any = None):
+  """Batch normalization in training mode, with the statistics over a chosen set of
+  examples.
+
+  Which examples one statistic spans:
+
+  - by default, this replica's batch; with ``axis_name``, the global batch on that axis
+    (cross-replica or "sync" BN);
+  - with ``group_size=g`` (and ``axis_name``), the batches of ``g`` consecutive replicas
+    (the TPU-pod practice of BN groups);
+  - with ``virtual_batch_size=v``, each chunk of ``v`` consecutive examples of this
+    replica's batch (ghost BN). ``axis_name`` then only affects the running averages.
+
+  The statistics returned for the running averages are the count-weighted average of the
+  statistics of all groups, over the whole ``axis_name`` when one is given, so they are
+  identical on every replica. For sync BN they are the global batch's mean and variance;
+  for grouped and ghost BN, the mean of the group means and of the within-group variances
+  (the variance the layer normalized with, as in Keras's ghost BN).
+
+  Args:
+    x: this replica's activations; axis 0 is the batch.
+    scale, bias: optional feature-shaped parameters.
+    feature_axes: the axes that are not reduced (channels); the others are.
+    epsilon: added to the variance.
+    axis_name: named data axis, or ``None``.
+    group_size: replicas per statistics group (requires ``axis_name``).
+    virtual_batch_size: examples per ghost batch; must divide ``x.shape[0]``.
+    mask: optional array broadcastable to ``x``; masked positions count in no statistic.
+    use_fast_variance: see ``batch_moments``.
+    dtype: output dtype (default: ``x``'s). Statistics are at least float32.
+
+  Returns:
+    ``(y, mean, var)``: the normalized ``x`` and feature-shaped float32 statistics for the
+    running averages.
+
+  Raises:
+    ValueError: for a ``virtual_batch_size`` that does not divide the batch, both
+      ``group_size`` and ``virtual_batch_size``, or ``group_size`` without ``axis_name``.
+
+  References:
+    Ioffe & Szegedy 2015, arXiv:1502.03167 (BatchNorm); Hoffer et al. 2017,
+    arXiv:1705.08741 (ghost BN); Goyal et al. 2017, arXiv:1706.02677 (per-worker BN).
+  """
+  feature_axes = _axes(x.ndim, feature_axes)
+  if 0 in feature_axes:
+    raise ValueError(f"feature_axes={feature_axes} must not include the batch axis 0")
+  if group_size is not None and virtual_batch_size is not None:
+    raise ValueError("set one of group_size and virtual_batch_size, not both")
+  if group_size is not None and axis_name is None:
+    raise ValueError(f"group_size={group_size} needs an axis_name to group replicas on")
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  scale = _feature_view(scale, x.ndim, feature_axes)
+  bias = _feature_view(bias, x.ndim, feature_axes)
+
+  if virtual_batch_size is None:
+    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    mean, var, count = batch_moments(x, reduction_axes, axis_name=axis_name,
+                                     group_size=group_size, mask=mask,
+                                     use_fast_variance=use_fast_variance)
+    y = normalize(x, mean, var, scale, bias, epsilon=epsilon, dtype=dtype)
+    if group_size is None:
+      return y, mean.reshape(feature_shape), var.reshape(feature_shape)
+    num_stats = 1
+  else:
+    v, b = virtual_batch_size, x.shape[0]
+    if not isinstance(v, int) or v < 1 or b % v:
+      raise ValueError(f"virtual_batch_size={v!r} must be a positive divisor of the "
+                       f"per-replica batch of {b}")
+    ghost = lambda a: a.reshape((b // v, v) + a.shape[1:])
+    mg = None if mask is None else ghost(jnp.broadcast_to(mask, x.shape))
+    reduction_axes = tuple(a + 1 for a in range(x.ndim) if a not in feature_axes)
+    mean, var, count = batch_moments(ghost(x), reduction_axes, mask=mg,
+                                     use_fast_variance=use_fast_variance)
+    expand = lambda p: None if p is None else p[None]
+    y = normalize(ghost(x), mean, var, expand(scale), expand(bias), epsilon=epsilon,
+                  dtype=dtype).reshape(x.shape)
+    num_stats = b // v
+  # Several statistics (groups or ghost batches): their count-weighted average, over the
+  # whole axis when there is one, feeds the running averages.
+  mean, var, count = (a.reshape((num_stats, -1)) for a in (mean, var, count))
+  sums = jnp.stack([jnp.sum(count * mean, 0), jnp.sum(count * var, 0), jnp.sum(count, 0)])
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  total = jnp.maximum(sums[2], 1)
+  return y, (sums[0] / total).reshape(feature_shape), (sums[1] / total).reshape(feature_shape)
+
+
+def estimated_batch_norm(x: jax.Array, est_mean: jax.Array, est_var: jax.Array,
+                         scale: jax.Array | None = None, bias: jax.Array | None = None, *,
+                         rate: float = 0.1, feature_axes: Axes = -1, epsilon: float = 1e-5,
+                         axis_name: Any = None, mask: jax.Array | None = None,
+                         dtype: Any = None):
+  """The batch part of micro-batch Batch-Channel Norm: normalize with *estimated*
+  statistics, updated from the batch first.
+
+  With ``mu``, ``s2`` the batch mean and the mean of ``(x - est_mean)^2`` (over
+  ``axis_name`` too when given), the estimates move by ``rate``:
+  ``est_mean' = est_mean + rate * (mu - est_mean)``,
+  ``est_var' = est_var + rate * (s2 - est_var)``, and
+  ``y = (x - est_mean') / sqrt(est_var' + epsilon) * scale + bias``.
+  No gradient flows through the estimates.
+
+  Args:
+    x: activations; axis 0 is the batch.
+    est_mean, est_var: feature-shaped current estimates.
+    scale, bias: optional feature-shaped affine parameters.
+    rate: update rate ``r`` of the estimates.
+    feature_axes, epsilon, axis_name, mask, dtype: as in ``batch_norm``.
+
+  Returns:
+    ``(y, new_est_mean, new_est_var)``.
+
+  References:
+    Qiao et al. 2019, arXiv:1903.10520, Algorithm 1 (micro-batch BCN). The variance
+    sample is centred on the current estimate ``est_mean``, not the batch mean, as in the
+    authors' code (joe-siyuan-qiao/Batch-Channel-Normalization, ``EstBN``).
+  """
+  feature_axes = _axes(x.ndim, feature_axes)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  xs = jax.lax.stop_gradient(x)
+  m0 = _feature_view(est_mean, x.ndim, feature_axes)
+  # E[x] and E[(x - est_mean)^2] are both plain means, so batch_moments' fast path gives
+  # them from the shifted input: mean(x - m0) + m0 and var + mean^2 of the shifted input.
+  mean_c, var_c, _ = batch_moments(xs - m0, reduction_axes, axis_name=axis_name, mask=mask)
+  mu = (mean_c + m0).reshape(feature_shape)
+  s2 = (var_c + jnp.square(mean_c)).reshape(feature_shape)
+  new_mean = est_mean + rate * (mu - est_mean)
+  new_var = est_var + rate * (s2 - est_var)
+  y = normalize(x, _feature_view(new_mean, x.ndim, feature_axes),
+                _feature_view(new_var, x.ndim, feature_axes),
+                _feature_view(scale, x.ndim, feature_axes),
+                _feature_view(bias, x.ndim, feature_axes), epsilon=epsilon, dtype=dtype)
+  return y, new_mean, new_var
+
+
+def channel_norm(x: jax.Array, num_groups: int, *, epsilon: float = 1e-5, dtype: Any = None):
+  """Normalizes each example over groups of channels (the last axis) and all other
+  non-batch axes, with no affine (group normalization's maths).
+
+  Args:
+    x: ``[batch, ..., channels]``.
+    num_groups: groups the channels are split into; must divide the channel count.
+    epsilon: added to the variance.
+    dtype: output dtype (default: ``x``'s).
+
+  Returns:
+    The normalized ``x``.
+
+  References:
+    Wu & He 2018, arXiv:1803.08494 (GroupNorm); Qiao et al. 2019, arXiv:1903.10520
+    (its use as the channel part of BCN).
+  """
+  c = x.shape[-1]
+  if num_groups < 1 or c % num_groups:
+    raise ValueError(f"num_groups={num_groups} must be a positive divisor of the {c} channels")
+  xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups)).astype(_stats_dtype(x))
+  axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  mean = xg.mean(axes, keepdims=True)
+  var = jnp.square(xg - mean).mean(axes, keepdims=True)
+  return normalize(xg, mean, var, epsilon=epsilon, dtype=dtype or x.dtype).reshape(x.shape)
+
+
+def standardize_weight(w: jax.Array, *, fan_in_axes: Axes | None = None,
+                       epsilon: float | None = None, scaled: bool = False):
+  """Weight Standardization: each output unit's weights get zero mean and unit variance
+  over their fan-in.
+
+  ``scaled=False`` (Qiao et al.): ``W' = (W - mean) / sqrt(var + epsilon)``, epsilon 1e-5.
+  ``scaled=True`` (NF-ResNets' scaled WS): ``W' = (W - mean) / sqrt(max(N * var,
+  epsilon))`` with ``N`` the fan-in, epsilon 1e-4, so that ``W'`` preserves the variance
+  of unit-variance inputs; multiply by a learnable gain outside.
+
+  Args:
+    w: a kernel, fan-in axes first and output units last (flax's layout).
+    fan_in_axes: axes to standardize over (default: all but the last).
+    epsilon: see above (default 1e-5, or 1e-4 when ``scaled``).
+    scaled: NF-ResNet scaling by ``1/sqrt(N)``.
+
+  Returns:
+    The standardized kernel, in ``w``'s dtype.
+
+  References:
+    Qiao et al. 2019, arXiv:1903.10520, eq. 5 (WS; the authors' code divides by the
+    unbiased std plus 1e-5 instead, a relative difference of about 1/(2N));
+    Brock et al. 2021, arXiv:2101.08692, section 4 (scaled WS).
+  """
+  axes = tuple(range(w.ndim - 1)) if fan_in_axes is None else _axes(w.ndim, fan_in_axes)
+  wf = w.astype(_stats_dtype(w))
+  mean = wf.mean(axes, keepdims=True)
+  var = jnp.square(wf - mean).mean(axes, keepdims=True)
+  if scaled:
+    n = math.prod(w.shape[a] for a in axes)
+    out = (wf - mean) * jax.lax.rsqrt(jnp.maximum(var * n, 1e-4 if epsilon is None
+                                                  else epsilon))
+  else:
+    out = (wf - mean) * jax.lax.rsqrt(var + (1e-5 if epsilon is None else epsilon))
+  return out.astype(w.dtype)
