@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from effjax.adaptive import BATCH_SCHEDULES, GROW_MODES
 from effjax.data import AUGMENTATIONS, SPECS
 from effjax.distributed import INITIALIZE_MODES
 from effjax.models import CONVS, MODELS, NORMS
@@ -31,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128          # The global batch, over all devices and processes.
+  c.accum_steps = 1           # Microbatches per step (gradient accumulation, lax.scan).
   c.eval_batch_size = 1024    # Global; the last batch is padded and masked.
   c.num_epochs = 10.0
   c.label_smoothing = 0.0
@@ -103,6 +105,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema.enabled = False        # Keep an EMA of the parameters and also evaluate it.
   c.ema.decay = 0.999          # Momentum tuned at ema.base_batch_size.
   c.ema.base_batch_size = 256  # ema.scaled_decay = decay ** (batch_size / base_batch_size).
+
+  c.batch_schedule = "fixed"    # Or 'adaptive': grow the batch with the noise scale.
+  c.adaptive = ml_collections.ConfigDict()
+  c.adaptive.multiple = 1.0      # Target global batch = multiple * B_simple ...
+  c.adaptive.max_batch_size = 0  # ... up to this (0: 16 * batch_size); powers of 2 of batch_size.
+  c.adaptive.grow = "accumulate"  # Larger batches as more microbatches, or 'batch'.
+
+  c.noise_scale = ml_collections.ConfigDict()
+  c.noise_scale.enabled = False  # Estimate the gradient noise scale every step.
+  c.noise_scale.decay = 0.99     # Momentum of its two moving averages.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0   # 0: only at the end.
@@ -223,6 +235,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         f"optimizer.learning_rate={c.optimizer.learning_rate!r} does not follow "
         f"scaling_rule={c.optimizer.scaling_rule!r} (expected {expected:g} for batch_size="
         f"{c.batch_size}); set optimizer.base_learning_rate instead")
+  _check_positive("accum_steps", c.accum_steps, integer=True)
+  _check_choice("batch_schedule", c.batch_schedule, BATCH_SCHEDULES)
+  _check_choice("adaptive.grow", c.adaptive.grow, GROW_MODES)
+  _check_positive("adaptive.multiple", c.adaptive.multiple)
+  if c.adaptive.max_batch_size and c.adaptive.max_batch_size < c.batch_size:
+    raise ConfigError(f"adaptive.max_batch_size={c.adaptive.max_batch_size} must be 0 or at "
+                      f"least batch_size={c.batch_size}")
+  if c.batch_schedule == "adaptive" and not c.noise_scale.enabled:
+    raise ConfigError("batch_schedule='adaptive' follows the noise scale; set "
+                      "noise_scale.enabled=True")
+  if not 0.0 <= c.noise_scale.decay < 1.0:
+    raise ConfigError(f"noise_scale.decay={c.noise_scale.decay!r} must be in [0, 1)")
   if not 0.0 <= c.ema.decay < 1.0:
     raise ConfigError(f"ema.decay={c.ema.decay!r} must be in [0, 1)")
   _check_positive("ema.base_batch_size", c.ema.base_batch_size)
@@ -256,6 +280,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       raise ConfigError(f"model.bn_group_size={c.model.bn_group_size} does not divide the "
                         f"{num_devices} devices; use a divisor of {num_devices}")
     per_device = c.batch_size // num_devices
+    if per_device % c.accum_steps:
+      raise ConfigError(f"accum_steps={c.accum_steps} does not divide the per-device batch of "
+                        f"{per_device} (batch_size={c.batch_size} over {num_devices} devices)")
+    per_device //= c.accum_steps  # What one BatchNorm call sees.
+    if c.batch_schedule == "adaptive" and num_devices == 1 and c.accum_steps == 1:
+      raise ConfigError("batch_schedule='adaptive' needs the noise scale, which needs two "
+                        "batch sizes: use more than one device or accum_steps > 1")
     if c.model.norm == "ghost_batch" and per_device % c.model.virtual_batch_size:
       raise ConfigError(f"model.virtual_batch_size={c.model.virtual_batch_size} does not "
-                        f"divide the per-device batch of {per_device}; use a divisor of it")
+                        f"divide the per-device microbatch of {per_device}; use a divisor of it")

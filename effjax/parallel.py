@@ -66,6 +66,7 @@ class Runner:
                                  for d in self.mesh.devices.flat)
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(DATA_AXIS))
+    self._concat: dict[int, Callable] = {}
 
   def compile(self, fn: Callable, donate_state: bool = True) -> Callable:
     """Compiles ``fn(state, batch) -> outputs`` to run once per replica.
@@ -114,6 +115,22 @@ class Runner:
             self.sharded, x, (self.num_devices, per) + x.shape[2:])
       return jax.make_array_from_process_local_data(self.sharded, x)
     return jax.tree.map(put, local_batch)
+
+  def concat_batches(self, batches: list) -> Any:
+    """Device batches -> one, each device's rows of all of them together, on the device
+    (no rows move between devices). Compiled once per number of batches."""
+    k = len(batches)
+    if k == 1:
+      return batches[0]
+    if k not in self._concat:
+      cat = lambda *bs: jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *bs)
+      if self.mode == "pmap":
+        self._concat[k] = jax.pmap(cat, axis_name=DATA_AXIS)
+      else:
+        self._concat[k] = jax.jit(jax.shard_map(cat, mesh=self.mesh,
+                                                in_specs=(P(DATA_AXIS),) * k,
+                                                out_specs=P(DATA_AXIS), check_vma=False))
+    return self._concat[k](*batches)
 
   def to_host(self, tree: Any) -> Any:
     """Replica-identical outputs (metrics) -> numpy, one copy."""

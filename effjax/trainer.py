@@ -12,11 +12,13 @@ import os
 import time
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from effjax import adaptive as adaptive_lib
 from effjax import checkpoint as ckpt_lib
 from effjax import config as config_lib
 from effjax import data as data_lib
@@ -113,9 +115,16 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Se
   else:
     spec, train, evals = data_lib.get_spec(config.dataset.name), None, None
   model = models.create_model(config.model, spec.num_classes, _dtype(config))
-  tx, schedule = optim.create_optimizer(config, config.num_train_steps)
+  adaptive = config.batch_schedule == "adaptive"
+  tx, schedule = optim.create_optimizer(config, config.num_train_steps, unit_lr=adaptive)
+  noise_scale = config.noise_scale.enabled
+  if noise_scale and runner.num_devices == 1 and config.accum_steps == 1:
+    logging.warning("noise_scale.enabled is ignored: estimating it needs two batch sizes, "
+                    "i.e. more than one device or accum_steps > 1")
+    noise_scale = False
   state = steps.create_train_state(jax.random.key(config.seed), model, tx, schedule,
-                                   spec.input_shape, ema=config.ema.enabled)
+                                   spec.input_shape, ema=config.ema.enabled,
+                                   noise_scale=noise_scale, adaptive_batch=adaptive)
   return Setup(config, runner, spec, model, state, train, evals)
 
 
@@ -146,11 +155,25 @@ def evaluate_all(setup: Setup, device_state, eval_fn=None) -> dict:
   return out
 
 
-def make_train_step(config):
-  """``train_step`` with the config's step hyperparameters bound (label smoothing, EMA)."""
+def _max_batch(config) -> int:
+  return config.adaptive.max_batch_size or 16 * config.batch_size
+
+
+def make_train_step(config, multiplier: int = 1):
+  """``train_step`` with the config's step hyperparameters bound (label smoothing, EMA,
+  accumulation, noise-scale averaging) for a step over ``multiplier`` base batches
+  (adaptive batch size): accumulation or per-device batch grows by it
+  (``adaptive.grow``), the LR by the scaling rule, and the parameter EMA's momentum
+  follows the EMA scaling rule (``decay ** multiplier``)."""
+  accum = config.accum_steps
+  if multiplier > 1 and config.adaptive.grow == "accumulate":
+    accum *= multiplier
   return functools.partial(
       steps.train_step, label_smoothing=config.label_smoothing,
-      ema_decay=config.ema.scaled_decay if config.ema.enabled else 0.0)
+      ema_decay=config.ema.scaled_decay ** multiplier if config.ema.enabled else 0.0,
+      accum_steps=accum, noise_scale_decay=config.noise_scale.decay,
+      batch_multiplier=multiplier,
+      lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule))
 
 
 def _raise_if_nonfinite(runner: Runner, state) -> None:
@@ -206,11 +229,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start, ckpt_lib.abstract_like(host_items, runner.replicated))
     host_items = items
   start = start or 0
+  # Progress, evaluation and checkpoints count base batches (config.batch_size each); an
+  # adaptive-batch step consumes `multiplier` of them. Decisions that must replay after a
+  # resume are taken from values in the checkpoint (the optimizer step, the multiplier).
+  adaptive = config.batch_schedule == "adaptive"
+  first = lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x
+  opt_step = int(first(host_items["step"]))
+  multiplier = int(first(host_items["batch_size_state"].multiplier)) if adaptive else 1
+  max_mult = (adaptive_lib.max_multiplier(config.batch_size, _max_batch(config)) if adaptive
+              else 1)
+  horizon = 1.0 / (1.0 - config.noise_scale.decay)  # Base steps before the first resize.
   state = setup.state.replace(**runner.replicate(host_items))
   if primary:
     _save_config(workdir, config)
 
-  train_fn = runner.compile(make_train_step(config))
+  train_fns: dict = {}
+
+  def train_fn_for(m):
+    if m not in train_fns:
+      train_fns[m] = runner.compile(make_train_step(config, m))
+    return train_fns[m]
   eval_fn = runner.compile(steps.eval_step, donate_state=False)
   train_pre, _ = preprocess_fns(config, setup.spec)
   ds = data_lib.train_dataset(
@@ -235,22 +273,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_train: dict = {}
   step = start
   end = total if stop_after is None else min(total, max(stop_after, start))
+  crossed = lambda prev, new, every: bool(every) and new // every > prev // every
   try:
     while step < end:
-      batch, data_state = next(prefetcher)
-      state, metrics = train_fn(state, batch)
+      # Never past the end of training; a stop_after point may fall inside a step, which
+      # then finishes (so a stopped and resumed run takes the same steps).
+      m = min(multiplier, adaptive_lib.max_multiplier(1, total - step))
+      items = [next(prefetcher) for _ in range(m)]
+      data_state = items[-1][1]
+      state, metrics = train_fn_for(m)(state, runner.concat_batches([b for b, _ in items]))
       pending.append(metrics)
-      step += 1
+      prev, step, opt_step = step, step + m, opt_step + 1
       last = step == total
-      eval_now = last or bool(config.eval_every_steps and step % config.eval_every_steps == 0)
-      if step % config.log_every == 0 or eval_now:
+      eval_now = last or crossed(prev, step, config.eval_every_steps)
+      if opt_step % config.log_every == 0 or eval_now:
         host = runner.to_host(pending)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        scalars = {k: float(np.mean([m_[k] for m_ in host])) for k in host[0]}
         last_train = {k: scalars[k] for k in ("train/loss", "train/accuracy")}
         _raise_if_nonfinite(runner, state)
         steps_per_sec, examples_per_sec = progress.rates(step)
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
-                       epoch=step / config.steps_per_epoch)
+                       epoch=step / config.steps_per_epoch, batch_size=m * config.batch_size,
+                       optimizer_step=opt_step)
+        if adaptive and step >= horizon:
+          # The latest average, not the window's mean: a resume restarts the window.
+          b_simple = float(host[-1]["noise_scale/b_simple"])
+          new = adaptive_lib.next_multiplier(multiplier, b_simple,
+                                             config.batch_size, config.adaptive.multiple,
+                                             _max_batch(config))
+          scalars["adaptive/b_simple"] = b_simple
+          if new != multiplier:
+            progress.message(f"step {step}: batch size {multiplier * config.batch_size} -> "
+                             f"{new * config.batch_size} (B_simple {b_simple:.0f})")
+            multiplier = new
         if eval_now:
           last_eval = evaluate_all(setup, state, eval_fn)
           scalars.update({k: v for k, v in last_eval.items() if not k.endswith("/count")})
@@ -258,8 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.update(step, steps_per_sec, scalars,
                         f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
         pending = []
-      if ((config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0) or
-          step == end):
+      if crossed(prev, step, config.checkpoint.every_steps) or step >= end:
         save(step)
   finally:
     prefetcher.close()
@@ -280,6 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       **last_train,  # Means over the last log_every steps (absent after a bare resume).
       "wall_time_sec": time.perf_counter() - t_start,
       "batch_size": config.batch_size,
+      "optimizer_steps": opt_step,
+      "examples": step * config.batch_size,
+      "final_batch_size": multiplier * config.batch_size,
       "num_devices": runner.num_devices,
       "num_processes": jax.process_count(),
   }

@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -40,6 +41,7 @@ COLUMNS = [("test accuracy", "eval/accuracy", ".4f"), ("test loss", "eval/loss",
 def main(argv):
   if len(argv) > 1 or FLAGS.config is None or not FLAGS.workdir:
     sys.exit("error: use --config=... --workdir=... [--seeds=0,1,2] [--variants=a,b]")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO.
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import grid  # pylint: disable=g-import-not-at-top
   unknown = [v for v in FLAGS.variants if v not in VARIANTS]
