@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128          # The global batch, over all devices and processes.
-  c.accum_steps = 1           # Microbatches per step (gradient accumulation, lax.scan).
+  c.accum_steps = 1           # Microbatches per step (gradient accumulation).
+  c.accum_loop = "auto"       # 'scan' (lax.scan), 'unroll', or 'auto': unroll on CPU only.
   c.eval_batch_size = 1024    # Global; the last batch is padded and masked.
   c.num_epochs = 10.0
   c.label_smoothing = 0.0
@@ -111,6 +112,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.adaptive.multiple = 1.0      # Target global batch = multiple * B_simple ...
   c.adaptive.max_batch_size = 0  # ... up to this (0: 16 * batch_size); powers of 2 of batch_size.
   c.adaptive.grow = "accumulate"  # Larger batches as more microbatches, or 'batch'.
+
+  c.target = ml_collections.ConfigDict()
+  c.target.accuracy = 0.0      # > 0: stop once the eval accuracy reaches it (steps-to-target),
+  c.target.first_eval_step = 8  # evaluating also at steps first_eval_step * eval_growth^k.
+  c.target.eval_growth = 1.1
+
+  c.sweep = ml_collections.ConfigDict()  # experiments/batch_size_sweep.py only.
+  c.sweep.batch_sizes = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+  c.sweep.lr_multipliers = (0.5, 1.0, 2.0)  # Times the scaling rule's LR at each batch.
+  c.sweep.max_learning_rate = 0.0  # Cap on each run's LR (0: none).
+  c.sweep.max_steps = 0           # Cap on each run's steps (0: num_epochs only).
+  c.sweep.noise_accum_steps = 4   # Runs at batches >= noise_min_batch estimate the noise
+  c.sweep.noise_min_batch = 64    # scale with this many microbatches (0 or 1: off).
+  c.sweep.workers = 2             # Runs trained at once, each in its own process.
+  c.sweep.devices_per_worker = 1  # Simulated CPU devices per worker (0: leave XLA_FLAGS).
 
   c.noise_scale = ml_collections.ConfigDict()
   c.noise_scale.enabled = False  # Estimate the gradient noise scale every step.
@@ -236,6 +252,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         f"scaling_rule={c.optimizer.scaling_rule!r} (expected {expected:g} for batch_size="
         f"{c.batch_size}); set optimizer.base_learning_rate instead")
   _check_positive("accum_steps", c.accum_steps, integer=True)
+  if not c.sweep.batch_sizes or any(int(b) < 1 for b in c.sweep.batch_sizes):
+    raise ConfigError(f"sweep.batch_sizes={tuple(c.sweep.batch_sizes)!r} must be positive "
+                      "integers")
+  if not c.sweep.lr_multipliers or any(m <= 0 for m in c.sweep.lr_multipliers):
+    raise ConfigError(f"sweep.lr_multipliers={tuple(c.sweep.lr_multipliers)!r} must be "
+                      "positive numbers")
+  _check_positive("sweep.workers", c.sweep.workers, integer=True)
+  if not 0.0 <= c.target.accuracy <= 1.0:
+    raise ConfigError(f"target.accuracy={c.target.accuracy!r} must be in [0, 1] (0: off)")
+  _check_positive("target.first_eval_step", c.target.first_eval_step, integer=True)
+  if not c.target.eval_growth > 1.0:
+    raise ConfigError(f"target.eval_growth={c.target.eval_growth!r} must be > 1")
+  _check_choice("accum_loop", c.accum_loop, ("auto", "scan", "unroll"))
   _check_choice("batch_schedule", c.batch_schedule, BATCH_SCHEDULES)
   _check_choice("adaptive.grow", c.adaptive.grow, GROW_MODES)
   _check_positive("adaptive.multiple", c.adaptive.multiple)

@@ -8,6 +8,7 @@ devices until ``log_every`` steps have run.
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Optional
@@ -155,6 +156,18 @@ def evaluate_all(setup: Setup, device_state, eval_fn=None) -> dict:
   return out
 
 
+def target_eval_steps(first: int, growth: float, total: int) -> list[int]:
+  """Steps at which a run with a target accuracy evaluates: ``first``, then each
+  ``ceil(previous * growth)`` (at least one more), up to ``total``. Geometric spacing
+  measures steps-to-target to within a factor ``growth`` at any batch size, with a number
+  of evaluations that grows only with ``log(total)``."""
+  steps, e = [], max(1, int(first))
+  while e <= total:
+    steps.append(e)
+    e = max(e + 1, math.ceil(e * growth))
+  return steps
+
+
 def _max_batch(config) -> int:
   return config.adaptive.max_batch_size or 16 * config.batch_size
 
@@ -173,6 +186,8 @@ def make_train_step(config, multiplier: int = 1):
       ema_decay=config.ema.scaled_decay ** multiplier if config.ema.enabled else 0.0,
       accum_steps=accum, noise_scale_decay=config.noise_scale.decay,
       batch_multiplier=multiplier,
+      accum_unroll=(config.accum_loop == "unroll" or
+                    (config.accum_loop == "auto" and jax.default_backend() == "cpu")),
       lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule))
 
 
@@ -215,6 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   runner = Runner(config.parallel)
   config_lib.validate(config, runner.num_devices)
   workdir = prepare_workdir(workdir)
+  summary_path = os.path.join(workdir, "summary.json")
+  if config.target.accuracy and os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      done = json.load(f)
+    if done.get("target_step") is not None:  # Stopped at its target: nothing left to do.
+      return done
   setup = build(config, runner=runner)
   primary = jax.process_index() == 0
   total = config.num_train_steps
@@ -271,9 +292,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending: list = []
   last_eval: dict = {}
   last_train: dict = {}
+  last_noise: dict = {}
   step = start
   end = total if stop_after is None else min(total, max(stop_after, start))
   crossed = lambda prev, new, every: bool(every) and new // every > prev // every
+  target = config.target.accuracy
+  target_evals = target_eval_steps(config.target.first_eval_step, config.target.eval_growth,
+                                   total) if target else []
+  target_step = None
   try:
     while step < end:
       # Never past the end of training; a stop_after point may fall inside a step, which
@@ -285,11 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending.append(metrics)
       prev, step, opt_step = step, step + m, opt_step + 1
       last = step == total
-      eval_now = last or crossed(prev, step, config.eval_every_steps)
+      eval_now = (last or crossed(prev, step, config.eval_every_steps) or
+                  any(prev < e <= step for e in target_evals))
       if opt_step % config.log_every == 0 or eval_now:
         host = runner.to_host(pending)
         scalars = {k: float(np.mean([m_[k] for m_ in host])) for k in host[0]}
         last_train = {k: scalars[k] for k in ("train/loss", "train/accuracy")}
+        last_noise = {k: host[-1][k] for k in host[-1] if k.startswith("noise_scale/")}
         _raise_if_nonfinite(runner, state)
         steps_per_sec, examples_per_sec = progress.rates(step)
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
@@ -309,18 +337,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if eval_now:
           last_eval = evaluate_all(setup, state, eval_fn)
           scalars.update({k: v for k, v in last_eval.items() if not k.endswith("/count")})
+          if target and last_eval["eval/accuracy"] >= target:
+            target_step = step
         writer.write(step, scalars)
         progress.update(step, steps_per_sec, scalars,
                         f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
         pending = []
-      if crossed(prev, step, config.checkpoint.every_steps) or step >= end:
+      if (crossed(prev, step, config.checkpoint.every_steps) or step >= end or
+          target_step is not None):
         save(step)
+      if target_step is not None:
+        progress.message(f"reached eval accuracy {last_eval['eval/accuracy']:.4f} >= "
+                         f"target {target} at step {step}")
+        break
   finally:
     prefetcher.close()
     checkpointer.close()
     writer.close()
 
-  if step < total:
+  if step < total and target_step is None:
     progress.message(f"stopped after step {step} of {total}; re-run to resume")
     return {"final_step": int(step), "stopped": True}
   if not last_eval:  # Resumed a finished run: evaluate what is there.
@@ -337,6 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "optimizer_steps": opt_step,
       "examples": step * config.batch_size,
       "final_batch_size": multiplier * config.batch_size,
+      **({"target_accuracy": target, "target_step": target_step,
+          "target_examples": None if target_step is None else target_step * config.batch_size,
+          "target_optimizer_step": None if target_step is None else opt_step,
+          **{f"target/{k}": float(v) for k, v in last_noise.items()}} if target else {}),
       "num_devices": runner.num_devices,
       "num_processes": jax.process_count(),
   }

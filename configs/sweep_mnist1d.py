@@ -1,0 +1,68 @@
+r"""Steps-to-target sweep over batch sizes 16..8192 on mnist1d (100K examples).
+
+Launch (about 40 minutes on a 2-core CPU, 2 runs at a time):
+  python -m experiments.batch_size_sweep --config=configs/sweep_mnist1d.py \
+      --workdir=/tmp/sweep_mnist1d
+
+Model: the mnist1d CNN with LayerNorm (no batch statistics, so accumulation microbatches
+give exact small-batch gradients for the noise scale). Optimizer: Nesterov SGD, constant
+LR, no warmup; at each batch size the LR is the linear rule's 0.1 * B / 128 times 0.5, 1
+and 2 (Shallue et al. tune per batch size), capped at 0.25 (0.4 diverges at B = 128).
+Each run stops at 97% test accuracy (evaluated at geometrically spaced steps, factor 1.1)
+or after 40 epochs or 20K steps. Runs at B >= 64 estimate the noise scale from 4
+microbatches. Expected: steps fall about 1/B up
+to a few hundred examples per batch and then flatten; the fitted B_crit and the
+measured B_simple have the same order of magnitude (docs/results.md has the numbers).
+
+Size argument: ``:tiny`` (the canonical 4000/1000 split, 3 batch sizes, 2 LRs, target
+80%, 3 epochs; what the notebook test runs).
+"""
+
+from effjax.config import base_config, derive
+from effjax.data import mnist1d_train_size
+
+
+def get_config(size: str = "full"):
+  c = base_config()
+  c.dataset.name = "mnist1d"
+  c.dataset.num_examples = 100_000
+  c.dataset.num_train_examples = mnist1d_train_size(c.dataset.get_ref("num_examples"))
+  c.batch_size = 128
+  c.eval_batch_size = 2000
+  c.num_epochs = 40.0
+  c.model.name = "cnn1d"
+  c.model.norm = "layer"
+  c.optimizer.name = "nesterov"
+  c.optimizer.base_learning_rate = 0.1
+  c.optimizer.base_batch_size = 128
+  c.optimizer.scaling_rule = "linear"
+  c.optimizer.weight_decay = 0.0
+  c.schedule.decay = "constant"
+  c.schedule.warmup_epochs = 0.0
+  c.eval_every_epochs = 100.0  # Only the target's geometric evaluations (and the last).
+  c.log_every = 20
+  c.checkpoint.every_steps = 5000
+  c.target.accuracy = 0.97
+  c.target.first_eval_step = 8
+  c.target.eval_growth = 1.1
+  c.noise_scale.decay = 0.95
+  c.sweep.batch_sizes = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+  c.sweep.lr_multipliers = (0.5, 1.0, 2.0)
+  c.sweep.max_learning_rate = 0.25  # 0.4 diverges at B = 128 (docs/results.md).
+  c.sweep.max_steps = 20_000
+  c.sweep.noise_accum_steps = 4
+  c.sweep.noise_min_batch = 64
+  c.sweep.workers = 2
+  c.sweep.devices_per_worker = 1
+  if size == "tiny":
+    c.dataset.num_examples = 5000
+    c.eval_batch_size = 1000
+    c.num_epochs = 3.0
+    c.sweep.max_steps = 0
+    c.target.accuracy = 0.8
+    c.sweep.batch_sizes = (32, 128, 512)
+    c.sweep.lr_multipliers = (1.0, 2.0)
+    c.sweep.noise_min_batch = 128
+  elif size != "full":
+    raise ValueError(f"size={size!r} is not one of ('full', 'tiny')")
+  return derive(c)
