@@ -11,7 +11,6 @@ per variant gives ``(variant)/(batch)``, its step time over per-device BN's.
 
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,14 +32,10 @@ flags.DEFINE_list("variants", ["batch", "sync_batch", "group_batch:2", "group_ba
 def main(_):
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from effjax import grid, trainer  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
+  from effjax import grid  # pylint: disable=g-import-not-at-top
 
   base = grid.with_overrides(FLAGS.config, {"batch_size": FLAGS.batch_size})
-  rng = np.random.RandomState(0)
-  batch = {"input": rng.rand(FLAGS.batch_size, 32, 32, 3).astype(np.float32),
-           "label": rng.randint(0, 10, FLAGS.batch_size).astype(np.int32)}
-
   runs = {}
   for variant in FLAGS.variants:
     norm, _, size = variant.partition(":")
@@ -49,28 +44,10 @@ def main(_):
       overrides["model.bn_group_size"] = int(size)
     if norm == "ghost_batch" and size:
       overrides["model.virtual_batch_size"] = int(size)
-    config = grid.with_overrides(base, overrides)
-    setup = trainer.build(config, with_data=False)
-    runner = setup.runner
-    fn = runner.compile(trainer.make_train_step(config))
-    state = setup.state.replace(**runner.replicate(setup.state.items()))
-    b = runner.shard_batch(batch)
-    state, m = fn(state, b)  # Compile.
-    jax.block_until_ready(m)
-    runs[variant] = [fn, state, b, []]
-
-  for _ in range(FLAGS.repeats):
-    for variant, run in runs.items():
-      fn, state, b, times = run
-      t = time.perf_counter()
-      for _ in range(FLAGS.steps):
-        state, m = fn(state, b)
-      jax.block_until_ready((state, m))
-      times.append((time.perf_counter() - t) / FLAGS.steps)
-      run[1] = state
+    runs[variant] = compiled_step(grid.with_overrides(base, overrides))
+  med = time_interleaved(runs, FLAGS.steps, FLAGS.repeats)
 
   ref = FLAGS.variants[0]
-  med = {v: float(np.median(r[3])) for v, r in runs.items()}
   n = jax.device_count()
   print(f"config: model={base.model.name} input=32x32x3 batch={FLAGS.batch_size} "
         f"({FLAGS.batch_size // n} per device) devices={n} steps={FLAGS.steps} "

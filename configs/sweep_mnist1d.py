@@ -60,9 +60,9 @@ def get_config(size: str = "full"):
     c.num_epochs = 3.0
     c.sweep.max_steps = 0
     c.target.accuracy = 0.8
-    c.sweep.batch_sizes = (32, 128, 512)
+    c.sweep.batch_sizes = (16, 32, 64)
     c.sweep.lr_multipliers = (1.0, 2.0)
-    c.sweep.noise_min_batch = 128
+    c.sweep.noise_min_batch = 32
   elif size != "full":
     raise ValueError(f"size={size!r} is not one of ('full', 'tiny')")
   return derive(c)

@@ -5,7 +5,9 @@ Public API:
   * ``effjax.train_step``, ``effjax.eval_step``, ``effjax.TrainState``
   * ``effjax.Runner`` (shard_map / pmap), ``effjax.DATA_AXIS``
   * subpackages ``effjax.data``, ``effjax.models``, ``effjax.nn``, ``effjax.optim``; modules
-    ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``.
+    ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``,
+    ``effjax.stats`` (noise scale), ``effjax.adaptive`` (adaptive batch size),
+    ``effjax.grid`` and ``effjax.sweep`` (multi-run experiments).
 """
 
 from effjax import parallel
@@ -13,7 +15,8 @@ from effjax import parallel
 parallel.size_cpu_thread_pool()  # Before any JAX computation; see its docstring.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from effjax import checkpoint, config, data, distributed, metrics, models, nn, optim
+from effjax import (adaptive, checkpoint, config, data, distributed, grid, metrics, models, nn,
+                    optim, stats, sweep)
 from effjax.config import ConfigError, base_config, validate
 from effjax.parallel import DATA_AXIS, Runner, global_norm, group_psum, make_mesh
 from effjax.steps import TrainState, create_train_state, cross_entropy, eval_step, train_step

@@ -7,7 +7,9 @@ memory) or as an m times larger per-device batch (``'batch'``). Progress, the LR
 evaluation and checkpoints are counted in base batches, so a run sees the same examples in
 the same order whatever its batch sizes, and ends after the same number of examples. The
 LR is the schedule at the current base step times the scaling rule's factor for m (``m``
-for linear, ``sqrt(m)`` for sqrt).
+for linear, ``sqrt(m)`` for sqrt), at most ``adaptive.max_learning_rate``: the best LR
+stops growing with the batch beyond some size (Shallue et al.; McCandlish et al.'s
+``eps_max / (1 + B_noise / B)``), and an LR doubled past it diverges.
 
 References:
   McCandlish et al. 2018, arXiv:1812.06162 (B_crit ~ B_simple); Gray et al. 2024,

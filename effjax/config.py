@@ -112,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adaptive.multiple = 1.0      # Target global batch = multiple * B_simple ...
   c.adaptive.max_batch_size = 0  # ... up to this (0: 16 * batch_size); powers of 2 of batch_size.
   c.adaptive.grow = "accumulate"  # Larger batches as more microbatches, or 'batch'.
+  c.adaptive.max_learning_rate = 0.0  # Cap on the rescaled LR (0: none).
 
   c.target = ml_collections.ConfigDict()
   c.target.accuracy = 0.0      # > 0: stop once the eval accuracy reaches it (steps-to-target),
@@ -271,6 +272,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.adaptive.max_batch_size and c.adaptive.max_batch_size < c.batch_size:
     raise ConfigError(f"adaptive.max_batch_size={c.adaptive.max_batch_size} must be 0 or at "
                       f"least batch_size={c.batch_size}")
+  if c.adaptive.max_learning_rate < 0:
+    raise ConfigError(f"adaptive.max_learning_rate={c.adaptive.max_learning_rate!r} must be "
+                      ">= 0 (0: no cap)")
   if c.batch_schedule == "adaptive" and not c.noise_scale.enabled:
     raise ConfigError("batch_schedule='adaptive' follows the noise scale; set "
                       "noise_scale.enabled=True")

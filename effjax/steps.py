@@ -117,7 +117,8 @@ def _sq_norm(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
                ema_decay: float = 0.0, accum_steps: int = 1, noise_scale_decay: float = 0.99,
-               batch_multiplier: int = 1, lr_factor: float = 1.0, accum_unroll: bool = False):
+               batch_multiplier: int = 1, lr_factor: float = 1.0, max_learning_rate: float = 0.0,
+               accum_unroll: bool = False):
   """One optimizer step on this replica's share of the global batch.
 
   The loss is the mean over this replica's examples; gradients are averaged over
@@ -155,7 +156,7 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
       base batches this step's batch holds; the base step advances by it.
     lr_factor: under the adaptive batch size, the scaling rule's LR factor for
       ``batch_multiplier``: the updates are multiplied by
-      ``schedule(base_step) * lr_factor``.
+      ``schedule(base_step) * lr_factor``, at most ``max_learning_rate`` (if > 0).
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
@@ -204,6 +205,8 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
   size_state = state.batch_size_state
   if isinstance(size_state, adaptive_lib.BatchSizeState):
     lr = jnp.asarray(state.schedule(size_state.base_step), jnp.float32) * lr_factor
+    if max_learning_rate:
+      lr = jnp.minimum(lr, max_learning_rate)
     updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
     size_state = adaptive_lib.BatchSizeState(
         base_step=size_state.base_step + batch_multiplier,

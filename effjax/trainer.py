@@ -188,7 +188,8 @@ def make_train_step(config, multiplier: int = 1):
       batch_multiplier=multiplier,
       accum_unroll=(config.accum_loop == "unroll" or
                     (config.accum_loop == "auto" and jax.default_backend() == "cpu")),
-      lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule))
+      lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule),
+      max_learning_rate=config.adaptive.max_learning_rate)
 
 
 def _raise_if_nonfinite(runner: Runner, state) -> None:

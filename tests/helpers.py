@@ -36,11 +36,11 @@ def tiny_config(data_dir, **overrides):
   return c
 
 
-def run_cli(args, env_extra=None, devices=8, timeout=600):
-  """Runs ``python -m experiments.train ARGS`` from the repo root; returns the process."""
+def run_cli(args, env_extra=None, devices=8, timeout=600, module="experiments.train"):
+  """Runs ``python -m MODULE ARGS`` from the repo root; returns the process."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "experiments.train"] + list(args), cwd=REPO,
+  return subprocess.run([sys.executable, "-m", module] + list(args), cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)

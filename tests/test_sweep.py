@@ -1,0 +1,94 @@
+"""Steps-to-target runs and the sweep's fit of S = S_min (1 + B_noise / B)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import effjax
+from effjax import sweep, trainer
+from tests.helpers import REPO, run_cli, tiny_config
+
+
+def test_fit_recovers_the_model_from_exact_and_noisy_points():
+  b = np.array([16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], float)
+  s = 300.0 * (1 + 700.0 / b)
+  fit = sweep.fit_steps_model(b, s)
+  assert fit["b_noise"] == pytest.approx(700.0, rel=1e-3)
+  assert fit["s_min"] == pytest.approx(300.0, rel=1e-3)
+  assert fit["e_min"] == pytest.approx(300.0 * 700.0, rel=2e-3)
+  noisy = s * np.exp(np.random.RandomState(0).normal(0, 0.05, len(b)))
+  assert sweep.fit_steps_model(b, noisy)["b_noise"] == pytest.approx(700.0, rel=0.25)
+  with pytest.raises(ValueError, match="at least 2 batch sizes"):
+    sweep.fit_steps_model([64], [100])
+
+
+def test_best_per_batch_picks_the_fastest_lr_that_reached_the_target():
+  rows = [{"batch_size": 64, "lr_multiplier": 1.0, "learning_rate": 0.1, "target_step": 500},
+          {"batch_size": 64, "lr_multiplier": 2.0, "learning_rate": 0.2, "target_step": 300,
+           "target/noise_scale/b_simple": 150.0},
+          {"batch_size": 128, "lr_multiplier": 1.0, "learning_rate": 0.2, "target_step": None}]
+  best = sweep.best_per_batch(rows)
+  assert best == [{"batch_size": 64, "steps": 300, "examples": 19200, "lr_multiplier": 2.0,
+                   "learning_rate": 0.2, "b_simple": 150.0}]
+  assert sweep.measured_b_simple(best) == 150.0
+
+
+def test_plan_caps_and_deduplicates_learning_rates(data_dir):
+  c = tiny_config(data_dir, **{"sweep.batch_sizes": (32, 512), "sweep.lr_multipliers": (0.5, 1.0, 2.0),
+                               "sweep.max_learning_rate": 0.5, "sweep.max_steps": 100,
+                               "sweep.noise_min_batch": 64})
+  runs = sweep.plan(c)
+  # tiny_config: base LR 0.2 at 256, linear rule.
+  assert [(r["batch_size"], r["learning_rate"]) for r in runs] == [
+      (32, 0.0125), (32, 0.025), (32, 0.05), (512, 0.2), (512, 0.4), (512, 0.5)]
+  assert runs[0]["config"].num_train_steps == 100  # 125 steps/epoch, capped at 100.
+  assert runs[-1]["config"].noise_scale.enabled and runs[-1]["config"].accum_steps == 4
+  assert not runs[0]["config"].noise_scale.enabled
+
+
+def test_target_eval_steps_are_geometric():
+  steps = trainer.target_eval_steps(8, 1.1, 100)
+  assert steps[:6] == [8, 9, 10, 11, 13, 15] and steps[-1] <= 100
+  assert all(b / a <= 1.1 + 1 / a for a, b in zip(steps, steps[1:]))
+
+
+def test_run_stops_at_its_target_and_a_rerun_keeps_the_result(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_epochs=4.0, **{"target.accuracy": 0.6})
+  summary = effjax.train_and_evaluate(config, str(tmp_path), verbose=False)
+  step = summary["target_step"]
+  assert step is not None and step < config.num_train_steps
+  assert summary["eval/accuracy"] >= 0.6 and summary["final_step"] == step
+  assert (step in trainer.target_eval_steps(8, 1.1, config.num_train_steps) or
+          step % config.eval_every_steps == 0)
+  rows = effjax.metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert all(r["eval/accuracy"] < 0.6 for r in evals[:-1]) and evals[-1]["step"] == step
+  again = effjax.train_and_evaluate(config, str(tmp_path), verbose=False)
+  assert again == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_sweep_cli_writes_outputs_and_the_notebook_reads_them(data_dir, tmp_path, monkeypatch):
+  out = tmp_path / "sweep"
+  proc = run_cli(["--config=configs/sweep_mnist1d.py:tiny", f"--workdir={out}",
+                  f"--config.dataset.data_dir={data_dir}"],
+                 module="experiments.batch_size_sweep", devices=1, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "B_crit = B_noise" in proc.stdout, proc.stdout
+  with open(out / "sweep.json") as f:
+    result = json.load(f)
+  assert len(result["runs"]) == 6 and len(result["best"]) >= 2
+  assert result["fit"]["b_noise"] > 0 and math.isfinite(result["b_simple"])
+  assert os.path.getsize(out / "steps_vs_batch.png") > 1000
+  assert (out / "sweep.csv").read_text().count("\n") == 7
+
+  from tests.test_notebooks import _execute  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("EFFJAX_SWEEP_DIR", str(out))
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  nb = _execute("critical_batch.ipynb", tmp_path)
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert f"B_crit = {result['fit']['b_noise']:.0f}" in text
+  assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
