@@ -27,9 +27,9 @@ from effjax.optim.scaling import scale_learning_rate
 def plan(config: ml_collections.ConfigDict) -> list[dict]:
   """One run per (batch size, LR multiplier) of ``config.sweep``.
 
-  Each run's LR is ``optimizer.base_learning_rate`` scaled to its batch by the config's
-  scaling rule, times the multiplier, capped at ``sweep.max_learning_rate`` (the largest
-  stable LR; duplicates after capping run once). Each run trains for ``num_epochs`` or
+  At each batch size the LRs are the multipliers times a center: the config's LR scaled
+  to that batch by its scaling rule, or ``sweep.max_learning_rate`` if that is smaller
+  (the best LR stops growing with the batch; Shallue et al.). Each run trains for ``num_epochs`` or
   ``sweep.max_steps`` steps, whichever is fewer, unless it reaches the target first. Runs
   at batches of at least ``sweep.noise_min_batch`` also estimate the noise scale, with
   ``sweep.noise_accum_steps`` microbatches.
@@ -43,12 +43,11 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
   for b in s.batch_sizes:
     b = int(b)
     seen = set()
+    center = scale_learning_rate(config.optimizer.base_learning_rate, b,
+                                 config.optimizer.base_batch_size, config.optimizer.scaling_rule)
+    capped = min(center, s.max_learning_rate) if s.max_learning_rate else center
     for mult in s.lr_multipliers:
-      base_lr = config.optimizer.base_learning_rate * mult
-      lr = scale_learning_rate(base_lr, b, config.optimizer.base_batch_size,
-                               config.optimizer.scaling_rule)
-      if s.max_learning_rate and lr > s.max_learning_rate:
-        base_lr *= s.max_learning_rate / lr
+      base_lr = config.optimizer.base_learning_rate * mult * capped / center
       overrides = {"batch_size": b, "optimizer.base_learning_rate": base_lr}
       steps_per_epoch = config.dataset.num_train_examples // b
       if s.max_steps and config.num_epochs * steps_per_epoch > s.max_steps:
@@ -58,7 +57,7 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
       c = grid.with_overrides(config, overrides)
       config_lib.validate(c)
       lr = float(c.optimizer.learning_rate)
-      if round(lr, 12) in seen:  # Capped to an LR this batch size already runs.
+      if round(lr, 12) in seen:  # Multipliers that coincide.
         continue
       seen.add(round(lr, 12))
       runs.append({"name": f"b{b}_lr{lr:.4g}", "batch_size": b, "lr_multiplier": float(mult),

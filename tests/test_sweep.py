@@ -36,14 +36,15 @@ def test_best_per_batch_picks_the_fastest_lr_that_reached_the_target():
   assert sweep.measured_b_simple(best) == 150.0
 
 
-def test_plan_caps_and_deduplicates_learning_rates(data_dir):
-  c = tiny_config(data_dir, **{"sweep.batch_sizes": (32, 512), "sweep.lr_multipliers": (0.5, 1.0, 2.0),
-                               "sweep.max_learning_rate": 0.5, "sweep.max_steps": 100,
+def test_plan_centers_learning_rates_on_the_capped_rule(data_dir):
+  c = tiny_config(data_dir, **{"sweep.batch_sizes": (32, 512),
+                               "sweep.lr_multipliers": (0.5, 1.0, 2.0),
+                               "sweep.max_learning_rate": 0.3, "sweep.max_steps": 100,
                                "sweep.noise_min_batch": 64})
   runs = sweep.plan(c)
-  # tiny_config: base LR 0.2 at 256, linear rule.
-  assert [(r["batch_size"], r["learning_rate"]) for r in runs] == [
-      (32, 0.0125), (32, 0.025), (32, 0.05), (512, 0.2), (512, 0.4), (512, 0.5)]
+  # tiny_config: base LR 0.2 at 256, linear rule; at 512 the center 0.4 is capped at 0.3.
+  got = [(r["batch_size"], round(r["learning_rate"], 6)) for r in runs]
+  assert got == [(32, 0.0125), (32, 0.025), (32, 0.05), (512, 0.15), (512, 0.3), (512, 0.6)]
   assert runs[0]["config"].num_train_steps == 100  # 125 steps/epoch, capped at 100.
   assert runs[-1]["config"].noise_scale.enabled and runs[-1]["config"].accum_steps == 4
   assert not runs[0]["config"].noise_scale.enabled
