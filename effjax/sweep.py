@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -29,7 +30,8 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
 
   At each batch size the LRs are the multipliers times a center: the config's LR scaled
   to that batch by its scaling rule, or ``sweep.max_learning_rate`` if that is smaller
-  (the best LR stops growing with the batch; Shallue et al.). Each run trains for ``num_epochs`` or
+  (the best LR stops growing with the batch; Shallue et al.). No LR above
+  ``sweep.max_learning_rate`` is tried. Each run trains for ``num_epochs`` or
   ``sweep.max_steps`` steps, whichever is fewer, unless it reaches the target first. Runs
   at batches of at least ``sweep.noise_min_batch`` also estimate the noise scale, with
   ``sweep.noise_accum_steps`` microbatches.
@@ -57,7 +59,7 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
       c = grid.with_overrides(config, overrides)
       config_lib.validate(c)
       lr = float(c.optimizer.learning_rate)
-      if round(lr, 12) in seen:  # Multipliers that coincide.
+      if round(lr, 12) in seen or (s.max_learning_rate and lr > s.max_learning_rate * 1.000001):
         continue
       seen.add(round(lr, 12))
       runs.append({"name": f"b{b}_lr{lr:.4g}", "batch_size": b, "lr_multiplier": float(mult),
@@ -65,7 +67,15 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
   return runs
 
 
-def _init_worker(devices: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+  while True:
+    time.sleep(1.0)
+    if os.getppid() != parent:  # The sweep was killed: do not train on as an orphan.
+      os._exit(1)  # pylint: disable=protected-access
+
+
+def _init_worker(devices: int, parent: int) -> None:
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
   if devices:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -103,7 +113,7 @@ def run(runs: Sequence[dict], workdir: str, workers: int = 1, devices: int = 1,
   ctx = multiprocessing.get_context("spawn")  # Fresh JAX in each worker.
   with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx,
                                               initializer=_init_worker,
-                                              initargs=(devices,)) as pool:
+                                              initargs=(devices, os.getpid())) as pool:
     # Derived FieldReferences do not pickle; the workers get the resolved values.
     futures = {pool.submit(_train, r["config"].to_dict(), os.path.join(workdir, r["name"])): r
                for r in todo}

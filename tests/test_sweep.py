@@ -42,9 +42,10 @@ def test_plan_centers_learning_rates_on_the_capped_rule(data_dir):
                                "sweep.max_learning_rate": 0.3, "sweep.max_steps": 100,
                                "sweep.noise_min_batch": 64})
   runs = sweep.plan(c)
-  # tiny_config: base LR 0.2 at 256, linear rule; at 512 the center 0.4 is capped at 0.3.
+  # tiny_config: base LR 0.2 at 256, linear rule; at 512 the center 0.4 is capped at 0.3,
+  # and 0.6 is above the cap.
   got = [(r["batch_size"], round(r["learning_rate"], 6)) for r in runs]
-  assert got == [(32, 0.0125), (32, 0.025), (32, 0.05), (512, 0.15), (512, 0.3), (512, 0.6)]
+  assert got == [(32, 0.0125), (32, 0.025), (32, 0.05), (512, 0.15), (512, 0.3)]
   assert runs[0]["config"].num_train_steps == 100  # 125 steps/epoch, capped at 100.
   assert runs[-1]["config"].noise_scale.enabled and runs[-1]["config"].accum_steps == 4
   assert not runs[0]["config"].noise_scale.enabled
@@ -93,3 +94,48 @@ def test_sweep_cli_writes_outputs_and_the_notebook_reads_them(data_dir, tmp_path
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
   assert f"B_crit = {result['fit']['b_noise']:.0f}" in text
   assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+
+
+def _children(pid):
+  kids = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry))
+      except (OSError, IndexError, ValueError):
+        continue
+  return kids
+
+
+def test_killed_sweep_leaves_no_workers_training(data_dir, tmp_path):
+  """SIGKILL to the sweep: its worker processes notice and exit instead of training on."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.batch_size_sweep",
+       "--config=configs/sweep_mnist1d.py:tiny", f"--workdir={tmp_path}",
+       f"--config.dataset.data_dir={data_dir}"], cwd=REPO, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  workers = []
+  while time.time() < deadline and len(workers) < 2:
+    time.sleep(0.5)
+    workers = [p for p in _children(proc.pid)
+               if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+  assert len(workers) == 2
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 30
+  while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                       "Z" not in open(f"/proc/{p}/stat").read().split()[2]
+                                       for p in workers):
+    time.sleep(0.5)
+  alive = [p for p in workers if os.path.exists(f"/proc/{p}")
+           and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+  assert not alive
