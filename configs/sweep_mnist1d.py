@@ -1,6 +1,6 @@
 r"""Steps-to-target sweep over batch sizes 16..8192 on mnist1d (100K examples).
 
-Launch (about 40 minutes on a 2-core CPU, 2 runs at a time):
+Launch (about an hour on a 2-core CPU, 2 runs at a time; the B >= 4096 runs dominate):
   python -m experiments.batch_size_sweep --config=configs/sweep_mnist1d.py \
       --workdir=/tmp/sweep_mnist1d
 
