@@ -154,7 +154,8 @@ def derive(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   ``steps_per_epoch``, ``num_train_steps``, ``schedule.warmup_steps``,
   ``eval_every_steps``, ``optimizer.learning_rate`` (from ``scale_learning_rate``) and
-  ``ema.scaled_decay`` (from ``ema_decay_for_batch``) become FieldReferences, so ``--config.batch_size=...`` rescales them all.
+  ``ema.scaled_decay`` (from ``ema_decay_for_batch``) become FieldReferences, so
+  ``--config.batch_size=...`` rescales them all.
   """
   o = c.optimizer
   rule = o.scaling_rule

@@ -193,9 +193,12 @@ def group_psum(tree: Any, axis_name: Any, group_size: int | None = None) -> Any:
   return jax.tree.map(reduce, tree)
 
 
+def global_sq_norm(tree: Any) -> jax.Array:
+  """The squared l2 norm of all leaves together, accumulated in float32 (0 for none)."""
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+             jnp.zeros((), jnp.float32))
+
+
 def global_norm(tree: Any) -> jax.Array:
   """The l2 norm of all leaves together, accumulated in float32."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+  return jnp.sqrt(global_sq_norm(tree))

@@ -16,7 +16,7 @@ from flax import struct
 from effjax import adaptive as adaptive_lib
 from effjax import stats as stats_lib
 from effjax.optim.transforms import trust_ratio_stats
-from effjax.parallel import DATA_AXIS, global_norm
+from effjax.parallel import DATA_AXIS, global_norm, global_sq_norm
 
 # The fields of a TrainState that are data (and go into checkpoints).
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "nonfinite_step", "ema_params",
@@ -110,11 +110,6 @@ def _loss_and_grads(state: TrainState, params, batch_stats, batch: dict,
   return loss, accuracy, new_stats, grads
 
 
-def _sq_norm(tree) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
-             jnp.zeros((), jnp.float32))
-
-
 def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
                ema_decay: float = 0.0, accum_steps: int = 1, noise_scale_decay: float = 0.99,
                batch_multiplier: int = 1, lr_factor: float = 1.0, max_learning_rate: float = 0.0,
@@ -179,7 +174,7 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
     loss, accuracy, batch_stats, grads = _loss_and_grads(state, state.params,
                                                          state.batch_stats, batch,
                                                          label_smoothing)
-    small_sq = _sq_norm(grads)
+    small_sq = global_sq_norm(grads)
   else:
     micro = jax.tree.map(lambda x: x.reshape((accum_steps, b // accum_steps) + x.shape[1:]),
                          batch)
@@ -188,7 +183,7 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
       grad_sum, stats, loss_sum, acc_sum, sq_sum = carry
       loss, acc, stats, g = _loss_and_grads(state, state.params, stats, mb, label_smoothing)
       grad_sum = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grad_sum, g)
-      return (grad_sum, stats, loss_sum + loss, acc_sum + acc, sq_sum + _sq_norm(g)), None
+      return (grad_sum, stats, loss_sum + loss, acc_sum + acc, sq_sum + global_sq_norm(g)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero = jnp.zeros((), jnp.float32)

@@ -5,6 +5,7 @@ directly. The loop does no host syncs between logging points: metrics stay on th
 devices until ``log_every`` steps have run.
 """
 
+import bisect
 import dataclasses
 import functools
 import json
@@ -258,8 +259,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first = lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x
   opt_step = int(first(host_items["step"]))
   multiplier = int(first(host_items["batch_size_state"].multiplier)) if adaptive else 1
-  max_mult = (adaptive_lib.max_multiplier(config.batch_size, _max_batch(config)) if adaptive
-              else 1)
   horizon = 1.0 / (1.0 - config.noise_scale.decay)  # Base steps before the first resize.
   state = setup.state.replace(**runner.replicate(host_items))
   if primary:
@@ -313,7 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       prev, step, opt_step = step, step + m, opt_step + 1
       last = step == total
       eval_now = (last or crossed(prev, step, config.eval_every_steps) or
-                  any(prev < e <= step for e in target_evals))
+                  bisect.bisect_right(target_evals, step) >
+                  bisect.bisect_right(target_evals, prev))
       if opt_step % config.log_every == 0 or eval_now:
         host = runner.to_host(pending)
         scalars = {k: float(np.mean([m_[k] for m_ in host])) for k in host[0]}

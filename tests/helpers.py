@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from effjax.config import base_config, derive
+from effjax.grid import with_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,14 +27,7 @@ def tiny_config(data_dir, **overrides):
   c.optimizer.weight_decay = 5e-4
   c.schedule.warmup_epochs = 0.25
   c.log_every = 5
-  derive(c)
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return with_overrides(derive(c), overrides)
 
 
 def run_cli(args, env_extra=None, devices=8, timeout=600, module="experiments.train"):
