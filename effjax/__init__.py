@@ -5,7 +5,7 @@ Public API:
   * ``effjax.train_step``, ``effjax.eval_step``, ``effjax.TrainState``
   * ``effjax.Runner`` (shard_map / pmap), ``effjax.DATA_AXIS``
   * subpackages ``effjax.data``, ``effjax.models``, ``effjax.nn``, ``effjax.optim``; modules
-    ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``,
+    ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``, ``effjax.preemption``,
     ``effjax.stats`` (noise scale), ``effjax.adaptive`` (adaptive batch size),
     ``effjax.grid`` and ``effjax.sweep`` (multi-run experiments).
 """
@@ -16,8 +16,9 @@ parallel.size_cpu_thread_pool()  # Before any JAX computation; see its docstring
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from effjax import (adaptive, checkpoint, config, data, distributed, grid, metrics, models, nn,
-                    optim, stats, sweep)
+                    optim, preemption, stats, sweep)
 from effjax.config import ConfigError, base_config, validate
+from effjax.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard
 from effjax.parallel import DATA_AXIS, Runner, global_norm, group_psum, make_mesh
 from effjax.steps import TrainState, create_train_state, cross_entropy, eval_step, train_step
 from effjax.trainer import EXIT_NONFINITE, NonFiniteError, dry_run, evaluate, train_and_evaluate

@@ -19,6 +19,10 @@ from effjax.models import CONVS, MODELS, NORMS
 from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
                           ema_decay_for_batch, scale_learning_rate)
 from effjax.parallel import PARALLEL_MODES
+from effjax.steps import NONFINITE_MODES
+
+RESTORE_MODES = ("auto", "ignore")
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -39,8 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   c.compute_dtype = "float32"
   c.parallel = "shard_map"
+  c.transfer_guard = "disallow"  # jax.transfer_guard around the step: implicit transfers fail.
   c.log_every = 50
   c.eval_every_epochs = 1.0
+  c.nonfinite = "stop"        # NaN/Inf loss or gradient: 'stop', or 'skip' the update.
+  c.max_consecutive_skips = 10  # 'skip': stop after this many skipped steps in a row.
+  c.restore = "auto"          # 'auto': resume from the workdir's checkpoints; 'ignore':
+                              # start afresh, moving them to checkpoints.replaced/.
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "mnist1d"
@@ -136,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0   # 0: only at the end.
   c.checkpoint.max_to_keep = 3
+  c.checkpoint.every_secs = 0.0  # > 0: also save when this long has passed since a save.
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = "auto"
@@ -267,6 +277,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if not c.target.eval_growth > 1.0:
     raise ConfigError(f"target.eval_growth={c.target.eval_growth!r} must be > 1")
   _check_choice("accum_loop", c.accum_loop, ("auto", "scan", "unroll"))
+  _check_choice("nonfinite", c.nonfinite, NONFINITE_MODES)
+  _check_choice("transfer_guard", c.transfer_guard, TRANSFER_GUARDS)
+  _check_positive("max_consecutive_skips", c.max_consecutive_skips, integer=True)
+  _check_choice("restore", c.restore, RESTORE_MODES)
+  if c.checkpoint.every_secs < 0:
+    raise ConfigError(f"checkpoint.every_secs={c.checkpoint.every_secs!r} must be >= 0 "
+                      "(0: off)")
   _check_choice("batch_schedule", c.batch_schedule, BATCH_SCHEDULES)
   _check_choice("adaptive.grow", c.adaptive.grow, GROW_MODES)
   _check_positive("adaptive.multiple", c.adaptive.multiple)

@@ -5,7 +5,7 @@ them under ``shard_map`` or ``pmap``. Hyperparameters reach them through the sta
 static fields (``apply_fn``, ``tx``, ``schedule``) or keyword arguments bound once.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -19,8 +19,15 @@ from effjax.optim.transforms import trust_ratio_stats
 from effjax.parallel import DATA_AXIS, global_norm, global_sq_norm
 
 # The fields of a TrainState that are data (and go into checkpoints).
-STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "nonfinite_step", "ema_params",
-                "noise_scale", "batch_size_state")
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "nonfinite_step", "skips",
+                "ema_params", "noise_scale", "batch_size_state")
+NONFINITE_MODES = ("stop", "skip")
+
+
+class SkipCounts(NamedTuple):
+  """Steps whose update was dropped for a NaN/Inf (``nonfinite='skip'``)."""
+  total: jax.Array        # int32: all skipped steps.
+  consecutive: jax.Array  # int32: the current run of skipped steps.
 
 
 class TrainState(struct.PyTreeNode):
@@ -31,8 +38,11 @@ class TrainState(struct.PyTreeNode):
     params: model parameters (float32).
     batch_stats: BatchNorm running averages (an empty dict without BatchNorm).
     opt_state: the optax state.
-    nonfinite_step: the first step whose loss or gradient was NaN/Inf, or -1. From that
-      step on, updates are not applied, so the parameters stay the last finite ones.
+    nonfinite_step: the step at which training must stop, or -1: the first step whose
+      loss or gradient was NaN/Inf (``nonfinite='stop'``), or the step that made too many
+      consecutive skips (``'skip'``). From that step on, updates are not applied, so the
+      parameters stay the last finite ones.
+    skips: ``SkipCounts`` of the updates dropped under ``nonfinite='skip'``.
     ema_params: an exponential moving average of ``params`` (an empty dict when off).
     noise_scale: the gradient noise scale's averages, an ``effjax.stats.NoiseScaleState``
       (an empty dict when off).
@@ -46,6 +56,7 @@ class TrainState(struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   nonfinite_step: jax.Array
+  skips: SkipCounts
   ema_params: Any
   noise_scale: Any
   batch_size_state: Any
@@ -77,6 +88,7 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module, tx, schedule,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                     nonfinite_step=jnp.full((), -1, jnp.int32),
+                    skips=SkipCounts(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)),
                     ema_params=jax.tree.map(jnp.copy, params) if ema else {},
                     noise_scale=stats_lib.init_noise_scale() if noise_scale else {},
                     batch_size_state=(adaptive_lib.init_batch_size_state() if adaptive_batch
@@ -113,7 +125,8 @@ def _loss_and_grads(state: TrainState, params, batch_stats, batch: dict,
 def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
                ema_decay: float = 0.0, accum_steps: int = 1, noise_scale_decay: float = 0.99,
                batch_multiplier: int = 1, lr_factor: float = 1.0, max_learning_rate: float = 0.0,
-               accum_unroll: bool = False):
+               accum_unroll: bool = False, nonfinite: str = "stop",
+               max_consecutive_skips: int = 10):
   """One optimizer step on this replica's share of the global batch.
 
   The loss is the mean over this replica's examples; gradients are averaged over
@@ -152,6 +165,11 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
     lr_factor: under the adaptive batch size, the scaling rule's LR factor for
       ``batch_multiplier``: the updates are multiplied by
       ``schedule(base_step) * lr_factor``, at most ``max_learning_rate`` (if > 0).
+    nonfinite: what a NaN/Inf loss or gradient does. ``'stop'``: the state freezes at the
+      last finite one and ``nonfinite_step`` records the step. ``'skip'``: the update is
+      dropped (parameters, optimizer state, BN statistics, EMA and noise-scale averages
+      stay as they were; the step counter and the data move on), counted in
+      ``state.skips``; ``max_consecutive_skips`` skips in a row then stop as ``'stop'``.
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
@@ -216,6 +234,16 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
   update_norm = global_norm(updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
   ok = finite & (state.nonfinite_step < 0)
+  skips = state.skips
+  if nonfinite == "skip":
+    bad = ~finite
+    skips = SkipCounts(total=skips.total + bad.astype(jnp.int32),
+                       consecutive=jnp.where(bad, skips.consecutive + 1, 0))
+    stop_now = skips.consecutive >= max_consecutive_skips
+  elif nonfinite == "stop":
+    stop_now = ~finite
+  else:
+    raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   ema_params = state.ema_params
   if ema_params:
@@ -238,8 +266,9 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
       opt_state=keep(opt_state, state.opt_state),
       noise_scale=keep(noise, state.noise_scale),
       batch_size_state=keep(size_state, state.batch_size_state),
-      nonfinite_step=jnp.where(finite | (state.nonfinite_step >= 0), state.nonfinite_step,
-                               state.step))
+      skips=skips,
+      nonfinite_step=jnp.where(stop_now & (state.nonfinite_step < 0), state.step,
+                               state.nonfinite_step))
   metrics = {
       "train/loss": loss,
       "train/accuracy": accuracy,
@@ -248,6 +277,8 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
       "param_norm": global_norm(new_state.params),
       "update_norm": update_norm,
   }
+  if nonfinite == "skip":
+    metrics["nonfinite/skipped"] = skips.total.astype(jnp.float32)
   metrics.update(trust_ratio_stats(new_state.opt_state))  # lars/lamb/tvlars only.
   if isinstance(noise, stats_lib.NoiseScaleState):
     metrics.update(stats_lib.noise_scale_metrics(new_state.noise_scale, noise_scale_decay))

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ from effjax import data as data_lib
 from effjax import metrics as metrics_lib
 from effjax import models
 from effjax import optim
+from effjax import preemption as preemption_lib
 from effjax import steps
 from effjax.parallel import Runner, make_mesh
 
@@ -34,25 +36,37 @@ EXIT_NONFINITE = 3
 
 
 class NonFiniteError(RuntimeError):
-  """Raised when training meets a NaN/Inf loss or gradient; ``step`` is the first bad step."""
+  """Raised when training meets a NaN/Inf loss or gradient (``nonfinite='stop'``) or too many
+  consecutive ones (``'skip'``); ``step`` is the step that stopped it."""
 
-  def __init__(self, step: int):
-    super().__init__(f"non-finite loss or gradient at step {step}; stopped, the last "
-                     "checkpoint holds the last finite state")
+  def __init__(self, step: int, skips: int = 0):
+    if skips:
+      msg = (f"{skips} consecutive non-finite steps, the last at step {step} "
+             "(nonfinite='skip'); stopped, the last checkpoint holds the last finite state")
+    else:
+      msg = (f"non-finite loss or gradient at step {step}; stopped, the last checkpoint "
+             "holds the last finite state")
+    super().__init__(msg)
     self.step = step
 
 
 def prepare_workdir(workdir: str) -> str:
-  """Checks that ``workdir`` is (or can be) a writable directory, then creates it."""
+  """Checks that ``workdir`` is (or can be made) a writable directory, and creates it.
+
+  Writes and removes a probe file, so read-only filesystems and permissions (also for
+  root) are caught before anything else is written.
+  """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"workdir {workdir!r} is a file; it must be a directory")
-  parent = workdir
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable")
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".effjax-write-probe-", dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable "
+                                 f"({e.strerror or type(e).__name__})") from None
   return workdir
 
 
@@ -190,13 +204,49 @@ def make_train_step(config, multiplier: int = 1):
       accum_unroll=(config.accum_loop == "unroll" or
                     (config.accum_loop == "auto" and jax.default_backend() == "cpu")),
       lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule),
-      max_learning_rate=config.adaptive.max_learning_rate)
+      max_learning_rate=config.adaptive.max_learning_rate,
+      nonfinite=config.nonfinite, max_consecutive_skips=config.max_consecutive_skips)
 
 
-def _raise_if_nonfinite(runner: Runner, state) -> None:
+def _raise_if_nonfinite(runner: Runner, state, config) -> None:
   bad = int(runner.to_host(state.nonfinite_step))
   if bad >= 0:
-    raise NonFiniteError(bad)
+    raise NonFiniteError(bad, config.max_consecutive_skips if config.nonfinite == "skip" else 0)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _agree(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process (a collective; call at the same step on all)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops ``metrics.jsonl`` rows past ``step`` (logged by a run killed after its last
+  checkpoint; the resumed run logs those steps again)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError):  # A line cut short by the kill.
+      pass
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def _save_config(workdir: str, config) -> None:
@@ -225,8 +275,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ``final_step`` and ``stopped: True``.
 
   Raises:
-    ConfigError: a bad config value or workdir (nothing is written then).
-    NonFiniteError: the loss or gradients became NaN/Inf.
+    ConfigError: a bad config value or workdir, or checkpoints in the workdir that do not
+      match the config (nothing is written then).
+    NonFiniteError: the loss or gradients became NaN/Inf (see ``config.nonfinite``).
+    Preempted: SIGTERM/SIGINT arrived; a checkpoint of the step all processes agreed on
+      was written first (see ``effjax.preemption``).
   """
   t_start = time.perf_counter()
   runner = Runner(config.parallel)
@@ -243,15 +296,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total = config.num_train_steps
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.max_to_keep)
+                                       config.checkpoint.max_to_keep, sync=_sync)
   host_items = setup.state.items()
   data_state = None
-  start = checkpointer.latest_step()
+  try:
+    if config.restore == "ignore":
+      restored = ckpt_lib.Restored(None)
+      moved = checkpointer.set_aside()
+      if moved and primary:
+        logging.warning("restore='ignore': moved the existing checkpoints to %s", moved)
+    else:
+      restored = checkpointer.restore_latest(
+          ckpt_lib.abstract_like(host_items, runner.replicated))
+  except ckpt_lib.CheckpointMismatchError as e:
+    checkpointer.close()
+    raise config_lib.ConfigError(str(e)) from None
+  for step_, problem in restored.invalid:
+    logging.warning("checkpoint step %d is damaged (%s); moved to %s.invalid", step_, problem,
+                    checkpointer.directory)
+  start = restored.step
   if start is not None:
-    items, data_state = checkpointer.restore(
-        start, ckpt_lib.abstract_like(host_items, runner.replicated))
-    host_items = items
+    host_items, data_state = restored.state, restored.data
   start = start or 0
+  if primary:  # Rows a killed run logged after its last checkpoint are logged again.
+    _truncate_metrics(workdir, start)
   # Progress, evaluation and checkpoints count base batches (config.batch_size each); an
   # adaptive-batch step consumes `multiplier` of them. Decisions that must replay after a
   # resume are taken from values in the checkpoint (the optimizer step, the multiplier).
@@ -281,13 +349,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    runner.shard_batch, config.input.device_prefetch)
   writer = metrics_lib.MetricWriter(workdir, primary)
   progress = metrics_lib.Progress(total, config.batch_size, start, enabled=verbose and primary)
+  for step_, problem in restored.invalid:
+    progress.message(f"checkpoint step {step_} is damaged ({problem}); moved it to "
+                     f"{checkpointer.directory}.invalid/")
   if start:
     progress.message(f"resumed from step {start} in {workdir}")
 
+  last_save_time = time.monotonic()
+
   def save(step):
+    nonlocal last_save_time
     # Never checkpoint past a non-finite step: the newest checkpoint stays the last good one.
-    _raise_if_nonfinite(runner, state)
+    _raise_if_nonfinite(runner, state, config)
     checkpointer.save(step, runner.unreplicate(state).items(), data_state)
+    last_save_time = time.monotonic()
+
+  every_secs = config.checkpoint.every_secs
+  multi = jax.process_count() > 1
+  guard = preemption_lib.PreemptionGuard()
 
   pending: list = []
   last_eval: dict = {}
@@ -300,26 +379,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   target_evals = target_eval_steps(config.target.first_eval_step, config.target.eval_growth,
                                    total) if target else []
   target_step = None
+  preempted = None
   try:
+    guard.__enter__()
     while step < end:
       # Never past the end of training; a stop_after point may fall inside a step, which
       # then finishes (so a stopped and resumed run takes the same steps).
       m = min(multiplier, adaptive_lib.max_multiplier(1, total - step))
       items = [next(prefetcher) for _ in range(m)]
       data_state = items[-1][1]
-      state, metrics = train_fn_for(m)(state, runner.concat_batches([b for b, _ in items]))
+      batch = runner.concat_batches([b for b, _ in items])
+      # Everything the step reads is on the devices already; an implicit transfer (a host
+      # array or Python scalar slipping in) is an error, as in big_vision.
+      with jax.transfer_guard(config.transfer_guard):
+        state, metrics = train_fn_for(m)(state, batch)
       pending.append(metrics)
       prev, step, opt_step = step, step + m, opt_step + 1
       last = step == total
       eval_now = (last or crossed(prev, step, config.eval_every_steps) or
                   bisect.bisect_right(target_evals, step) >
                   bisect.bisect_right(target_evals, prev))
-      if opt_step % config.log_every == 0 or eval_now:
+      log_now = opt_step % config.log_every == 0 or eval_now
+      if log_now:
         host = runner.to_host(pending)
-        scalars = {k: float(np.mean([m_[k] for m_ in host])) for k in host[0]}
+        # nanmean: under nonfinite='skip' a skipped step's loss is NaN.
+        scalars = {k: float(np.nanmean([m_[k] for m_ in host]))
+                   if np.isfinite([m_[k] for m_ in host]).any() else float("nan")
+                   for k in host[0]}
         last_train = {k: scalars[k] for k in ("train/loss", "train/accuracy")}
         last_noise = {k: host[-1][k] for k in host[-1] if k.startswith("noise_scale/")}
-        _raise_if_nonfinite(runner, state)
+        _raise_if_nonfinite(runner, state, config)
         steps_per_sec, examples_per_sec = progress.rates(step)
         scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
                        epoch=step / config.steps_per_epoch, batch_size=m * config.batch_size,
@@ -344,17 +433,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.update(step, steps_per_sec, scalars,
                         f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
         pending = []
+      # Time-based saves: checked every step on one process; with several, at log points,
+      # where process 0's clock decides for all (their clocks differ).
+      time_due = bool(every_secs) and (log_now or not multi) and _agree(
+          time.monotonic() - last_save_time >= every_secs)
+      stop_now = guard.should_stop(step)
       if (crossed(prev, step, config.checkpoint.every_steps) or step >= end or
-          target_step is not None):
+          target_step is not None or time_due or stop_now):
         save(step)
+      if stop_now and step < end and target_step is None:
+        checkpointer.wait()
+        preempted = preemption_lib.Preempted(step, guard.signal_name, workdir)
+        progress.message(str(preempted))
+        break
       if target_step is not None:
         progress.message(f"reached eval accuracy {last_eval['eval/accuracy']:.4f} >= "
                          f"target {target} at step {step}")
         break
   finally:
+    guard.__exit__(None, None, None)
     prefetcher.close()
     checkpointer.close()
     writer.close()
+  if preempted is not None:
+    raise preempted
 
   if step < total and target_step is None:
     progress.message(f"stopped after step {step} of {total}; re-run to resume")

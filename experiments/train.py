@@ -5,8 +5,10 @@ Examples:
   python -m experiments.train --config=configs/imagenet_resnet50.py --workdir=/tmp/x \
       --dry_run --config.dry_run_devices=256
 
-Exit codes: 0 done; 2 bad config, flag, workdir or dataset (nothing written);
-3 non-finite loss (the last checkpoint holds the last finite state).
+Exit codes: 0 done; 2 bad config, flag, workdir, dataset, or checkpoints in the workdir
+that do not match the config (nothing written); 3 non-finite loss (the last checkpoint
+holds the last finite state); 4 preempted by SIGTERM/SIGINT (a checkpoint of the current
+step was written; re-run the same command to resume).
 """
 
 import sys
@@ -72,6 +74,9 @@ def main(argv):
     fail(str(e))
   except effjax.NonFiniteError as e:
     fail(str(e), effjax.EXIT_NONFINITE)
+  except effjax.Preempted as e:
+    sys.stderr.write(f"{e}\n")
+    sys.exit(effjax.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -101,8 +102,15 @@ def get_builder(name: str, data_dir: Optional[str] = None, num_examples: Optiona
   else:
     if not os.path.isdir(data_dir):
       raise DatasetError(f"dataset {name!r} not found: data_dir {data_dir!r} does not exist")
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
+    # TFDS logs a warning for every version folder it cannot use; the error below says it.
+    previous = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+      prepared = builder.is_prepared()
+    finally:
+      logging.set_verbosity(previous)
+    if not prepared:
       raise DatasetError(
           f"dataset {name!r} not found in data_dir {data_dir!r} (looked for {builder.data_dir}); "
           f"prepare it there with `tfds build {name} --data_dir={data_dir} "
