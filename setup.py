@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
         "matplotlib>=3.8",
     ],
     "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
+    # benchmarks/train_step.py --torch only; never needed by effjax itself.
+    "bench": ["torch==2.13.0", "matplotlib>=3.8"],
 }
 
 setuptools.setup(

@@ -14,8 +14,9 @@ Datasets:
   mnist1d       the default config's data (``configs/mnist1d_large_batch.py``: in-memory
                 split, CNN, batch 1024);
   cifar_shaped  50,000 random 32x32x3 uint8 images with labels, written once as a TFDS
-                array_record dataset (PNG-encoded like TFDS's cifar10) in ``--data_dir``,
-                read by random access, decoded, flipped, padded and cropped, normalised;
+                array_record dataset in ``--data_dir`` (raw tensors; TFDS's PNG Image
+                feature needs TensorFlow), read by random access, deserialised,
+                flipped, padded and cropped, normalised;
                 ResNet-18 with sync BN at batch ``--cifar_batch``.
 """
 
@@ -42,19 +43,21 @@ def _cifar_shaped_builder(data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class CifarShaped(tfds.core.GeneratorBasedBuilder):
-    """Random images with cifar10's features (PNG-encoded 32x32x3 uint8, 10 labels)."""
+    """Random images shaped like cifar10's (32x32x3 uint8, 10 labels)."""
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(32, 32, 3)),
+          # Raw uint8 tensors: TFDS's Image feature needs TensorFlow to encode PNGs.
+          "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
           "label": tfds.features.ClassLabel(num_classes=10)}))
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate(50_000, 0), "test": self._generate(10_000, 1)}
+      return {"train": self._generate_examples(50_000, 0),
+              "test": self._generate_examples(10_000, 1)}
 
-    def _generate(self, n, seed):
+    def _generate_examples(self, n, seed):  # pylint: disable=arguments-differ
       rng = np.random.default_rng(seed)
       for i in range(n):
         yield i, {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),

@@ -1,0 +1,102 @@
+r"""Model FLOPs utilisation of effjax's ResNet-50 train step.
+
+  python benchmarks/mfu.py --batch=256 --dtype=bfloat16          # on a GPU
+  python benchmarks/mfu.py --batch=16 --dtype=float32 --devices=1  # on this CPU
+
+MFU = (FLOPs of one train step, from XLA's cost analysis of the compiled step) /
+(measured step time) / (the device's measured matmul peak: the best FLOP/s of a large
+square matmul in the same dtype, timed in the same process). Against a measured peak
+rather than the datasheet's, so the number says how close the step gets to what this
+device actually sustains. Prints both, and the datasheet ratio where known.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 256, "Global batch.")
+flags.DEFINE_string("dtype", "bfloat16", "compute_dtype.")
+flags.DEFINE_integer("devices", 0, "Simulated CPU devices (0: all real devices).")
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("matmul", 8192, "Side of the square matmul for the peak.")
+
+DATASHEET = {"H100": {"bfloat16": 989e12, "float32": 67e12},   # dense, SXM
+             "H200": {"bfloat16": 989e12, "float32": 67e12}}
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from effjax import trainer  # pylint: disable=g-import-not-at-top
+  from effjax.config import base_config, derive  # pylint: disable=g-import-not-at-top
+
+  dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  n = FLAGS.matmul if jax.default_backend() != "cpu" else min(FLAGS.matmul, 2048)
+  a = jnp.ones((n, n), dtype)
+  mm = jax.jit(lambda x: (x @ x).astype(dtype))
+  jax.block_until_ready(mm(a))
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    for _ in range(10):
+      out = mm(a)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - t) / 10)
+  peak = 2 * n ** 3 / best
+
+  c = base_config()
+  c.dataset.name = "imagenet2012"
+  c.dataset.num_train_examples = 1_281_167
+  c.model.name = "resnet50"
+  c.model.norm = "sync_batch"
+  c.optimizer.name = "lars"
+  c.noise_scale.enabled = len(jax.devices()) > 1
+  c.compute_dtype = FLAGS.dtype
+  c.batch_size = c.eval_batch_size = FLAGS.batch
+  config = derive(c)
+  setup = trainer.build(config, with_data=False)
+  r = setup.runner
+  rng = np.random.RandomState(0)
+  batch = r.shard_batch({"input": rng.rand(FLAGS.batch, 224, 224, 3).astype(np.float32),
+                         "label": rng.randint(0, 1000, FLAGS.batch).astype(np.int32)})
+  fn = r.compile(trainer.make_train_step(config))
+  state = setup.state.replace(**r.replicate(setup.state.items()))
+  cost = fn.lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost["flops"]) * r.num_devices  # Per device program -> all devices.
+  state, m = fn(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      state, m = fn(state, batch)
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - t) / FLAGS.steps)
+  step = float(np.median(times))
+  device = jax.devices()[0].device_kind
+  achieved = flops / step
+  print(f"device={device} x{r.num_devices} backend={jax.default_backend()} "
+        f"dtype={FLAGS.dtype} batch={FLAGS.batch}")
+  print(f"matmul peak ({n}x{n}, measured): {peak / 1e12:.2f} TFLOP/s per device")
+  print(f"ResNet-50 step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis), {step * 1e3:.1f} ms, "
+        f"{FLAGS.batch / step:.0f} examples/s")
+  print(f"MFU vs measured peak: {achieved / (peak * r.num_devices):.3f}")
+  for name, peaks in DATASHEET.items():
+    if name in device and FLAGS.dtype in peaks:
+      print(f"MFU vs {name} datasheet ({peaks[FLAGS.dtype] / 1e12:.0f} TFLOP/s): "
+            f"{achieved / (peaks[FLAGS.dtype] * r.num_devices):.3f}")
+
+
+if __name__ == "__main__":
+  for arg in sys.argv[1:]:
+    if arg.startswith("--devices=") and arg != "--devices=0":
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={arg.split('=')[1]}")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)

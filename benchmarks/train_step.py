@@ -1,0 +1,207 @@
+r"""effjax's full train step against a minimal flax+optax step and PyTorch, side by side.
+
+  python benchmarks/train_step.py --devices=8                  # (a), (a0), (b)
+  python benchmarks/train_step.py --devices=1 --torch          # ... and (c) PyTorch
+  pip install torch==2.13.0    # (c) only; a benchmark extra, never an effjax dependency
+
+For each model (the mnist1d CNN, ResNet-18 at 32x32, a small transformer encoder), with the
+same global batch, dtype (float32) and number of devices, it times:
+
+  (a)  effjax's train step with everything on: sync BN over all devices, LARS with its
+       trust ratios logged, the gradient noise scale (more than one device), grad/param/
+       update norms, loss and accuracy metrics;
+  (a0) effjax's train step with the extras off: per-device BN, no noise scale (LARS and
+       the norms stay: they are the step);
+  (b)  a minimal hand-written flax+optax step for the same model: per-device BN,
+       ``optax.lars``, ``pmean`` of the gradients under ``shard_map``, loss only;
+  (b') (b) again, compiled separately: ``(b)/(b')`` shows the timing noise;
+  (c)  PyTorch on CPU, same architecture and LARS maths, eager and ``torch.compile``
+       (one process; run with ``--devices=1`` to compare like with like).
+
+Every step is jitted once with its state donated and timed in interleaved repeats (medians),
+so machine noise hits all alike. Prints examples/s for each, then each pair's step-time
+ratio on its own line as ``(a)/(b) 1.012`` (time of the first over time of the second),
+then a table.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("devices", 8, "Simulated CPU devices (ignored on accelerators).")
+flags.DEFINE_list("models", ["cnn1d", "resnet18", "transformer"], "Models to time.")
+flags.DEFINE_bool("torch", False, "Also time PyTorch eager and torch.compile (CPU).")
+flags.DEFINE_integer("repeats", 11, "Interleaved repeats (medians).")
+flags.DEFINE_float("scale", 1.0, "Multiplies every model's steps per repeat.")
+flags.DEFINE_string("dtype", "float32", "compute_dtype of (a), (a0), (b).")
+
+# model -> (dataset, global batch, steps per repeat, config overrides)
+MODELS = {
+    "cnn1d": ("mnist1d", 512, 20, {"model.widths": (64, 128, 128)}),
+    "resnet18": ("cifar10", 64, 3, {}),
+    "transformer": ("mnist1d", 256, 10, {"model.widths": (64,), "model.num_layers": 2,
+                                          "model.num_heads": 4, "model.norm": "layer"}),
+}
+
+
+def _config(model, dataset, batch, overrides, extras: bool, dtype: str):
+  from effjax.config import base_config, derive  # pylint: disable=g-import-not-at-top
+  from effjax.grid import with_overrides  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.dataset.name = dataset
+  c.dataset.num_train_examples = 50_000 if dataset == "cifar10" else 4000
+  c.model.name = model
+  c.batch_size = c.eval_batch_size = batch
+  c.optimizer.name = "lars"
+  c.optimizer.base_learning_rate = 1.0
+  c.optimizer.weight_decay = 5e-4
+  c.compute_dtype = dtype
+  c.model.norm = "sync_batch" if extras else "batch"
+  c.noise_scale.enabled = extras
+  return with_overrides(derive(c), overrides)
+
+
+def _minimal_flax_step(config, runner, spec):
+  """(b): the step a user writes by hand with flax + optax (per-device BN, optax.lars)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from effjax import models  # pylint: disable=g-import-not-at-top
+
+  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  model = models.create_model(config.model, spec.num_classes, dtype)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + tuple(spec.input_shape)))
+  tx = optax.lars(config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
+                  momentum=0.9)
+  params = variables["params"]
+  state = (params, variables.get("batch_stats", {}), tx.init(params))
+
+  def step(state, batch):
+    params, stats, opt = state
+
+    def loss_fn(p):
+      v = {"params": p, "batch_stats": stats} if stats else {"params": p}
+      logits, new = model.apply(v, batch["input"], train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return loss, new.get("batch_stats", {})
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = jax.lax.pmean(grads, "data")
+    updates, opt = tx.update(grads, opt, params)
+    return (optax.apply_updates(params, updates), stats, opt), jax.lax.pmean(loss, "data")
+
+  mesh = runner.mesh
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")),
+                             out_specs=(P(), P()), check_vma=False), donate_argnums=0)
+  state = jax.device_put(state, runner.replicated)
+  rng = np.random.RandomState(0)
+  b = config.batch_size
+  batch = runner.shard_batch({"input": rng.rand(b, *spec.input_shape).astype(np.float32),
+                              "label": rng.randint(0, spec.num_classes, b).astype(np.int32)})
+  state, loss = fn(state, batch)
+  jax.block_until_ready(loss)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return [fn, state, batch, []], n
+
+
+def _time_torch(model_name, spec, batch, steps, repeats, results):
+  """(c) eager and compiled; returns {'c_eager': s, 'c_compile': s} and the param count."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  rng = np.random.RandomState(0)
+  x = torch.from_numpy(rng.rand(batch, *spec.input_shape).astype(np.float32))
+  y = torch.from_numpy(rng.randint(0, spec.num_classes, batch).astype(np.int64))
+  runs = {}
+  for mode in ("eager", "compile"):
+    model = torch_models.create(model_name, spec.num_classes)
+    opt = torch_models.LARS(model.parameters(), lr=1.0 * batch / 256, momentum=0.9,
+                            weight_decay=5e-4)
+    step = torch_models.make_step(model, opt, compiled=mode == "compile")
+    for _ in range(2):  # Compile / warm up.
+      step(x, y)
+    runs[f"c_{mode}"] = (step, [])
+  for _ in range(repeats):
+    for name, (step, times) in runs.items():
+      t = time.perf_counter()
+      for _ in range(steps):
+        loss = step(x, y)
+      float(loss)
+      times.append((time.perf_counter() - t) / steps)
+  for name, (_, times) in runs.items():
+    results[name] = float(np.median(times))
+  return sum(p.numel() for p in torch_models.create(model_name, spec.num_classes).parameters())
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  devices = len(jax.devices())
+  print(f"backend={jax.default_backend()} devices={devices} dtype={FLAGS.dtype} "
+        f"repeats={FLAGS.repeats} jax={jax.__version__}")
+  table = []
+  for name in FLAGS.models:
+    dataset, batch, steps, overrides = MODELS[name]
+    steps = max(1, int(steps * FLAGS.scale))
+    batch = max(batch, devices) // devices * devices
+    spec = data_lib.get_spec(dataset)
+    full = _config(name, dataset, batch, overrides, True, FLAGS.dtype)
+    lean = _config(name, dataset, batch, overrides, False, FLAGS.dtype)
+    if devices == 1:  # The noise scale needs two batch sizes: >1 device or accumulation.
+      full.noise_scale.enabled = False
+    runs = {"a": compiled_step(full), "a0": compiled_step(lean)}
+    from effjax import trainer  # pylint: disable=g-import-not-at-top
+    runner = trainer.Runner(full.parallel)
+    runs["b"], n_params = _minimal_flax_step(lean, runner, spec)
+    # The same minimal step again: (b)/(b') is the timing noise of this machine.
+    runs["b'"], _ = _minimal_flax_step(lean, runner, spec)
+    times = time_interleaved(runs, steps, FLAGS.repeats)
+    n_torch = None
+    if FLAGS.torch:
+      n_torch = _time_torch(name, spec, batch, steps, FLAGS.repeats, times)
+    print(f"\n{name}: global batch {batch}, {n_params:,} parameters"
+          + (f" (PyTorch: {n_torch:,})" if n_torch else "")
+          + f", {steps} steps x {FLAGS.repeats} repeats"
+          + ("" if full.noise_scale.enabled else "; noise scale off (1 device)"))
+    for k, t in times.items():
+      print(f"  {k:10s} {batch / t:12.1f} examples/s  {t * 1e3:9.2f} ms/step")
+    pairs = [("a", "b"), ("a", "a0"), ("a0", "b"), ("b", "b'")]
+    if FLAGS.torch:
+      pairs += [("a", "c_eager"), ("a", "c_compile"), ("b", "c_compile")]
+    ratios = {}
+    for p, q in pairs:
+      ratios[(p, q)] = times[p] / times[q]
+      print(f"({p})/({q}) {ratios[(p, q)]:.3f}")
+    verdict = "ok" if ratios[("a", "b")] <= 1.03 else "ABOVE the 1.03 target"
+    print(f"  (a)/(b) target <= 1.03: {verdict}")
+    table.append((name, batch, times, ratios))
+
+  print("\n| model | batch | " + " | ".join(f"{k} ex/s" for k in table[0][2]) + " | " +
+        " | ".join(f"({p})/({q})" for p, q in table[0][3]) + " |")
+  print("|---|---|" + "---|" * (len(table[0][2]) + len(table[0][3])))
+  for name, batch, times, ratios in table:
+    print(f"| {name} | {batch} | " + " | ".join(f"{batch / t:.0f}" for t in times.values())
+          + " | " + " | ".join(f"{r:.3f}" for r in ratios.values()) + " |")
+
+
+if __name__ == "__main__":
+  # Simulated devices must be set before JAX starts; parse --devices by hand for that.
+  for arg in sys.argv[1:]:
+    if arg.startswith("--devices="):
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={arg.split('=')[1]}")
+  if not any(a.startswith("--devices=") for a in sys.argv[1:]):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
