@@ -71,7 +71,6 @@ def _cifar_shaped_builder(data_dir):
 
 def _setup(name):
   """(config, train source, train preprocess fn) for a dataset name."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   from effjax import data as data_lib, trainer  # pylint: disable=g-import-not-at-top
   from effjax.config import base_config, derive  # pylint: disable=g-import-not-at-top
   if name == "mnist1d":

@@ -142,7 +142,6 @@ def _time_torch(model_name, spec, batch, steps, repeats, results):
 def main(_):
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
 

@@ -38,3 +38,14 @@ def run_cli(args, env_extra=None, devices=8, timeout=600, module="experiments.tr
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", module] + list(args), cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(path):
+  """Every file under ``path`` with its bytes and mtime: equal snapshots mean untouched."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, path)] = (fh.read(), os.stat(p).st_mtime_ns)
+  return out

@@ -1,22 +1,10 @@
 """The experiment module: one-line errors that leave the workdir alone, dry runs, exit codes."""
 
-import os
-
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, snapshot
 
 SMALL = "--config=configs/mnist1d_large_batch.py:small"
-
-
-def _snapshot(path):
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      p = os.path.join(root, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, path)] = (fh.read(), os.stat(p).st_mtime_ns)
-  return out
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -38,14 +26,14 @@ def test_bad_config_is_one_line_error_and_workdir_untouched(data_dir, tmp_path, 
   workdir = tmp_path / "work"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("keep me")
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   args = [a.replace("{tmp}", str(tmp_path)) for a in args]
   proc = run_cli([SMALL, f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}"] + args)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("error: ") and expected.replace("{tmp}", str(tmp_path)) in lines[0]
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_workdir_that_is_a_file_is_refused(data_dir, tmp_path):

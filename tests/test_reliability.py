@@ -27,7 +27,7 @@ import effjax
 from effjax import checkpoint as ckpt_lib
 from effjax import steps as steps_lib
 from effjax.metrics import read_jsonl
-from tests.helpers import REPO, run_cli, tiny_config
+from tests.helpers import REPO, run_cli, snapshot, tiny_config
 
 SEED = int(os.environ.get("EFFJAX_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
 RNG = random.Random(SEED)
@@ -320,22 +320,12 @@ def test_checkpoint_restore_never_unpickles(data_dir, tmp_path, monkeypatch):
   assert got.step == 5 and got.data and not got.invalid
 
 
-def _snapshot(path):
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      p = os.path.join(root, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, path)] = (fh.read(), os.stat(p).st_mtime_ns)
-  return out
-
-
 def test_model_that_does_not_match_the_checkpoint_is_refused(data_dir, tmp_path):
   workdir = tmp_path / "run"
   proc = run_cli(BASE + ["--config.num_epochs=0.2", f"--workdir={workdir}",
                          f"--config.dataset.data_dir={data_dir}"])
   assert proc.returncode == 0, proc.stderr[-2000:]
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   wider = [a.replace("widths=(16,32)", "widths=(16,48)") for a in BASE] + [
       "--config.num_epochs=0.2", f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}"]
   proc = run_cli(wider)
@@ -346,7 +336,7 @@ def test_model_that_does_not_match_the_checkpoint_is_refused(data_dir, tmp_path)
   assert (": params/BatchNorm_1/bias has shape (32,) in the checkpoint and (48,) in the "
           "config;") in line, line
   assert line.endswith("use a new workdir or --config.restore=ignore")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
   proc = run_cli(wider + ["--config.restore=ignore"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert os.path.isdir(workdir / "checkpoints.replaced" / "6")
@@ -439,12 +429,12 @@ def test_more_bad_input_is_one_line_and_leaves_the_workdir(data_dir, tmp_path, a
   workdir = tmp_path / "work"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("keep me")
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = run_cli(BASE + [f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}"] + args)
   assert proc.returncode == 2, proc.stderr[-2000:]
   line, = proc.stderr.strip().splitlines()
   assert line.startswith("error: ") and expected in line, line
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_workdir_that_is_not_writable_is_refused(data_dir, tmp_path):
