@@ -1,24 +1,20 @@
 """Preemption: stop at a step every process agrees on, after SIGTERM or SIGINT.
 
 A ``PreemptionGuard`` turns the first SIGTERM/SIGINT into a request to stop; the loop
-asks ``should_stop(step)`` after each step, saves a checkpoint at the step where it says
-True and exits with ``EXIT_PREEMPTED``. A second signal gets the default action (an
-impatient Ctrl-C still kills).
+asks ``should_stop(step, at_log_point)`` after each step, saves a checkpoint at the step
+where it says True and exits with ``EXIT_PREEMPTED``. A second signal gets the default
+action (an impatient Ctrl-C still kills).
 
-With several processes, the signal may reach only some of them, and each process's host
-loop may be a step or two ahead of the others (dispatch is asynchronous). Agreement goes
-through the ``jax.distributed`` key-value store, without a device collective:
-
-1. a signalled process posts ``notice/<process>``;
-2. every process polls the ``notice/`` directory once per step (one RPC to the
-   coordinator, no device sync); the first time it sees a notice it posts
-   ``seen/<process> = <its current step>`` and waits for all processes' ``seen`` keys;
-3. all stop after step ``max(seen)``: every process has posted a step it has reached, so
-   each can reach the maximum, and all compute the same one.
-
-This is the protocol of JAX's own preemption sync manager
-(``multihost_utils.reached_preemption_sync_point``), which, however, only reacts to
-SIGTERM delivered through its C++ notifier.
+One process stops after the step in flight. With several, the signal may reach only some
+of them, and their host loops run ahead of each other by up to ``log_every`` steps
+(dispatch is asynchronous; only log points fetch from the devices). They agree at the
+next log point, where every process is at the same step: each contributes its flag to a
+small all-gather, and all stop if any was signalled. A host-side protocol that blocks a
+process until the others report (as JAX's preemption sync manager does through its C++
+notifier, which only reacts to SIGTERM) can deadlock here: the waiting process stops
+dispatching steps whose collectives another process needs in order to reach the point
+where it would report. So on multi-host runs, keep ``log_every`` small enough that
+``log_every`` steps fit in the scheduler's grace period.
 """
 
 import signal
@@ -26,14 +22,9 @@ import threading
 from typing import Optional
 
 import jax
+import numpy as np
 
 EXIT_PREEMPTED = 4
-_PREFIX = "effjax/preemption"
-
-
-def _client():
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return distributed.global_state.client
 
 
 class PreemptionGuard:
@@ -44,19 +35,14 @@ class PreemptionGuard:
 
   Args:
     signals: the signals that request a stop.
-    namespace: key-value store prefix; distinct per run sharing a coordinator.
-    timeout_s: how long to wait for the other processes' steps before giving up.
   """
 
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), namespace: str = "run",
-               timeout_s: float = 300.0):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signals = tuple(signals)
     self.received: Optional[int] = None   # The first signal number, once one arrived.
     self.stop_step: Optional[int] = None  # The agreed step, once known.
-    self._namespace = f"{_PREFIX}/{namespace}"
-    self._timeout_ms = int(timeout_s * 1000)
+    self.signalled: list = []            # Processes that received one (several processes).
     self._previous: dict = {}
-    self._posted_notice = False
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
@@ -80,29 +66,27 @@ class PreemptionGuard:
   @property
   def signal_name(self) -> str:
     if self.received is None:
-      return "a preemption notice from another process"
+      return f"a signal to process {', '.join(map(str, self.signalled))}"
     return signal.Signals(self.received).name
 
-  def should_stop(self, step: int) -> bool:
-    """Whether to save and stop now, having completed ``step``. Call once per step."""
+  def should_stop(self, step: int, at_log_point: bool = True) -> bool:
+    """Whether to save and stop now, having completed ``step``. Call after every step;
+    with several processes, all must call it at the same steps with the same
+    ``at_log_point`` (it runs a collective there)."""
     if self.stop_step is not None:
       return step >= self.stop_step
     if not self._multi:
       if self.received is not None:
         self.stop_step = step
       return self.stop_step is not None
-    client = _client()
-    me = jax.process_index()
-    if self.received is not None and not self._posted_notice:
-      client.key_value_set(f"{self._namespace}/notice/{me}", str(step))
-      self._posted_notice = True
-    if not client.key_value_dir_get(f"{self._namespace}/notice/"):
+    if not at_log_point:
       return False
-    client.key_value_set(f"{self._namespace}/seen/{me}", str(step))
-    seen = [int(client.blocking_key_value_get(f"{self._namespace}/seen/{p}", self._timeout_ms))
-            for p in range(jax.process_count())]
-    self.stop_step = max(seen)
-    return step >= self.stop_step
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    if np.any(flags):
+      self.stop_step = step
+      self.signalled = [int(p) for p in np.flatnonzero(flags)]
+    return self.stop_step is not None
 
 
 class Preempted(Exception):

@@ -437,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # where process 0's clock decides for all (their clocks differ).
       time_due = bool(every_secs) and (log_now or not multi) and _agree(
           time.monotonic() - last_save_time >= every_secs)
-      stop_now = guard.should_stop(step)
+      stop_now = guard.should_stop(step, log_now)
       if (crossed(prev, step, config.checkpoint.every_steps) or step >= end or
           target_step is not None or time_due or stop_now):
         save(step)
