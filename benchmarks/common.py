@@ -9,15 +9,21 @@ import numpy as np
 from effjax import trainer
 
 
-def compiled_step(config) -> list:
-  """``[fn, state, batch, times]`` for effjax's full train step under ``config``, compiled
-  and run once, on a random batch of the dataset's shapes (no data needed)."""
-  setup = trainer.build(config, with_data=False)
-  r = setup.runner
+def random_batch(runner, spec, batch_size: int) -> dict:
+  """A global batch of uniform inputs and labels of ``spec``'s shapes, on the devices."""
   rng = np.random.RandomState(0)
-  b = config.batch_size
-  batch = r.shard_batch({"input": rng.rand(b, *setup.spec.input_shape).astype(np.float32),
-                         "label": rng.randint(0, setup.spec.num_classes, b).astype(np.int32)})
+  return runner.shard_batch({
+      "input": rng.rand(batch_size, *spec.input_shape).astype(np.float32),
+      "label": rng.randint(0, spec.num_classes, batch_size).astype(np.int32)})
+
+
+def compiled_step(config, runner=None) -> list:
+  """``[fn, state, batch, times]`` for effjax's full train step under ``config`` (on
+  ``runner``'s devices, default all), compiled and run once, on a random batch of the
+  dataset's shapes (no data needed)."""
+  setup = trainer.build(config, with_data=False, runner=runner)
+  r = setup.runner
+  batch = random_batch(r, setup.spec, config.batch_size)
   fn = r.compile(trainer.make_train_step(config))
   state = setup.state.replace(**r.replicate(setup.state.items()))
   state, m = fn(state, batch)

@@ -31,8 +31,7 @@ def main(_):
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from effjax import trainer  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
   from effjax.config import base_config, derive  # pylint: disable=g-import-not-at-top
 
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
@@ -59,38 +58,24 @@ def main(_):
   c.compute_dtype = FLAGS.dtype
   c.batch_size = c.eval_batch_size = FLAGS.batch
   config = derive(c)
-  setup = trainer.build(config, with_data=False)
-  r = setup.runner
-  rng = np.random.RandomState(0)
-  batch = r.shard_batch({"input": rng.rand(FLAGS.batch, 224, 224, 3).astype(np.float32),
-                         "label": rng.randint(0, 1000, FLAGS.batch).astype(np.int32)})
-  fn = r.compile(trainer.make_train_step(config))
-  state = setup.state.replace(**r.replicate(setup.state.items()))
+  fn, state, batch, _ = run = compiled_step(config)
   cost = fn.lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost["flops"]) * r.num_devices  # Per device program -> all devices.
-  state, m = fn(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      state, m = fn(state, batch)
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - t) / FLAGS.steps)
-  step = float(np.median(times))
+  num_devices = len(jax.devices())
+  flops = float(cost["flops"]) * num_devices  # Per device program -> all devices.
+  step = time_interleaved({"step": run}, FLAGS.steps, 3)["step"]
   device = jax.devices()[0].device_kind
   achieved = flops / step
-  print(f"device={device} x{r.num_devices} backend={jax.default_backend()} "
+  print(f"device={device} x{num_devices} backend={jax.default_backend()} "
         f"dtype={FLAGS.dtype} batch={FLAGS.batch}")
   print(f"matmul peak ({n}x{n}, measured): {peak / 1e12:.2f} TFLOP/s per device")
   print(f"ResNet-50 step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis), {step * 1e3:.1f} ms, "
         f"{FLAGS.batch / step:.0f} examples/s")
-  print(f"MFU vs measured peak: {achieved / (peak * r.num_devices):.3f}")
+  print(f"MFU vs measured peak: {achieved / (peak * num_devices):.3f}")
   for name, peaks in DATASHEET.items():
     if name in device and FLAGS.dtype in peaks:
       print(f"MFU vs {name} datasheet ({peaks[FLAGS.dtype] / 1e12:.0f} TFLOP/s): "
-            f"{achieved / (peaks[FLAGS.dtype] * r.num_devices):.3f}")
+            f"{achieved / (peaks[FLAGS.dtype] * num_devices):.3f}")
 
 
 if __name__ == "__main__":

@@ -39,29 +39,13 @@ flags.DEFINE_string("out", "docs", "Where scaling.csv and scaling.png go.")
 
 def _step_time(config, devices, batch):
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from effjax import trainer  # pylint: disable=g-import-not-at-top
-  from effjax.parallel import Runner, make_mesh  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
   from effjax.grid import with_overrides  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import Runner, make_mesh  # pylint: disable=g-import-not-at-top
   config = with_overrides(config, {"batch_size": batch, "eval_batch_size": batch,
                                    "noise_scale.enabled": devices > 1})
-  runner = Runner("shard_map", make_mesh(jax.devices()[:devices]))
-  setup = trainer.build(config, with_data=False, runner=runner)
-  rng = np.random.RandomState(0)
-  data = runner.shard_batch({"input": rng.rand(batch, 40).astype(np.float32),
-                             "label": rng.randint(0, 10, batch).astype(np.int32)})
-  fn = runner.compile(trainer.make_train_step(config))
-  state = setup.state.replace(**runner.replicate(setup.state.items()))
-  state, m = fn(state, data)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(FLAGS.repeats):
-    t = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      state, m = fn(state, data)
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - t) / FLAGS.steps)
-  return float(np.median(times))
+  run = compiled_step(config, Runner("shard_map", make_mesh(jax.devices()[:devices])))
+  return time_interleaved({"step": run}, FLAGS.steps, FLAGS.repeats)["step"]
 
 
 def _optimizer_times(width):

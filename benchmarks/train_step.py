@@ -68,9 +68,9 @@ def _minimal_flax_step(config, runner, spec):
   """(b): the step a user writes by hand with flax + optax (per-device BN, optax.lars)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import random_batch  # pylint: disable=g-import-not-at-top
   from effjax import models  # pylint: disable=g-import-not-at-top
 
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
@@ -99,10 +99,7 @@ def _minimal_flax_step(config, runner, spec):
   fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")),
                              out_specs=(P(), P()), check_vma=False), donate_argnums=0)
   state = jax.device_put(state, runner.replicated)
-  rng = np.random.RandomState(0)
-  b = config.batch_size
-  batch = runner.shard_batch({"input": rng.rand(b, *spec.input_shape).astype(np.float32),
-                              "label": rng.randint(0, spec.num_classes, b).astype(np.int32)})
+  batch = random_batch(runner, spec, config.batch_size)
   state, loss = fn(state, batch)
   jax.block_until_ready(loss)
   n = sum(x.size for x in jax.tree.leaves(params))

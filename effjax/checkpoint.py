@@ -97,6 +97,14 @@ def verify(step_dir: str, checksums: bool = True) -> Optional[str]:
   return None
 
 
+def _unused(path: str) -> str:
+  """``path``, or ``path.1``, ``path.2``, ... : the first that does not exist."""
+  dest, n = path, 1
+  while os.path.exists(dest):
+    dest, n = f"{path}.{n}", n + 1
+  return dest
+
+
 def _first_mismatch(saved: Any, expected: Any) -> Optional[str]:
   """Names the first array whose path, shape or dtype differs between two trees."""
   # Orbax's metadata keeps containers as saved (a NamedTuple comes back as a dict or list),
@@ -287,9 +295,7 @@ class Checkpointer:
   def _quarantine(self, step: int) -> str:
     root = self.directory + ".invalid"
     os.makedirs(root, exist_ok=True)
-    dest, n = os.path.join(root, str(step)), 1
-    while os.path.exists(dest):
-      dest, n = os.path.join(root, f"{step}.{n}"), n + 1
+    dest = _unused(os.path.join(root, str(step)))
     os.replace(self.step_dir(step), dest)
     return dest
 
@@ -298,9 +304,7 @@ class Checkpointer:
     if not self.all_steps():
       return None
     self.manager.wait_until_finished()
-    dest, n = self.directory + ".replaced", 1
-    while os.path.exists(dest):
-      dest, n = f"{self.directory}.replaced.{n}", n + 1
+    dest = _unused(self.directory + ".replaced")
     if self.primary:
       os.makedirs(dest)
       for step in self.all_steps():

@@ -86,6 +86,13 @@ def _dtype(config) -> Any:
   return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
 
 
+def _sync(name: str) -> None:
+  """All processes meet here (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def load_data(config, runner: Runner):
   """Builds (embedded) or finds the dataset; returns its spec and train and eval sources."""
   spec = data_lib.get_spec(config.dataset.name)
@@ -95,9 +102,7 @@ def load_data(config, runner: Runner):
   # never write the same files at once.
   if jax.process_index() == 0:
     builder = data_lib.get_builder(config.dataset.name, **kwargs)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("effjax_dataset_ready")
+  _sync("effjax_dataset_ready")
   if jax.process_index() != 0:
     builder = data_lib.get_builder(config.dataset.name, **kwargs)
   train_split = config.dataset.train_split or spec.train_split
@@ -214,18 +219,19 @@ def _raise_if_nonfinite(runner: Runner, state, config) -> None:
     raise NonFiniteError(bad, config.max_consecutive_skips if config.nonfinite == "skip" else 0)
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
 def _agree(flag: bool) -> bool:
   """Process 0's ``flag`` on every process (a collective; call at the same step on all)."""
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _mean_of_finite(values) -> float:
+  """The mean of the non-NaN values (under nonfinite='skip' a skipped step's loss is NaN),
+  or NaN if there are none."""
+  values = np.asarray(values, np.float64)
+  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
@@ -311,9 +317,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except ckpt_lib.CheckpointMismatchError as e:
     checkpointer.close()
     raise config_lib.ConfigError(str(e)) from None
-  for step_, problem in restored.invalid:
-    logging.warning("checkpoint step %d is damaged (%s); moved to %s.invalid", step_, problem,
-                    checkpointer.directory)
   start = restored.step
   if start is not None:
     host_items, data_state = restored.state, restored.data
@@ -402,10 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       log_now = opt_step % config.log_every == 0 or eval_now
       if log_now:
         host = runner.to_host(pending)
-        # nanmean: under nonfinite='skip' a skipped step's loss is NaN.
-        scalars = {k: float(np.nanmean([m_[k] for m_ in host]))
-                   if np.isfinite([m_[k] for m_ in host]).any() else float("nan")
-                   for k in host[0]}
+        scalars = {k: _mean_of_finite([m_[k] for m_ in host]) for k in host[0]}
         last_train = {k: scalars[k] for k in ("train/loss", "train/accuracy")}
         last_noise = {k: host[-1][k] for k in host[-1] if k.startswith("noise_scale/")}
         _raise_if_nonfinite(runner, state, config)
