@@ -213,7 +213,7 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
     loss, accuracy, small_sq = loss / accum_steps, accuracy / accum_steps, small_sq / accum_steps
 
   # One all-reduce for everything the replicas average: each collective is a rendezvous
-  # of all replicas, so five separate ones cost measurably more than one (CPU: ~10% of
+  # of all replicas, so five separate ones cost measurably more than one (CPU: ~7% of
   # the mnist1d CNN step on 8 devices; see BENCHMARKS.md).
   grads, batch_stats, loss, accuracy, small_sq_mean = jax.lax.pmean(
       (grads, batch_stats, loss, accuracy, small_sq), DATA_AXIS)
