@@ -166,3 +166,68 @@ def test_worker_processes_give_the_same_batches_and_restore():
     np.testing.assert_array_equal(next(threads)["input"], next(restored)["input"])
   workers.close()
   restored.close()
+
+
+def _augmented_sources():
+  """(source, train preprocess) pairs for every random augmentation."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, size=(48, 8, 8, 3)).astype(np.uint8)
+  big = rng.integers(0, 255, size=(48, 12, 10, 3)).astype(np.uint8)
+  signals = rng.standard_normal((48, 40)).astype(np.float32)
+  labels = np.arange(48, dtype=np.int32)
+  img = dict(mean=(0, 0, 0), std=(1, 1, 1))
+  return {
+      "flip_crop": (data.ArraySource({"input": images, "label": labels}),
+                    data.make_preprocess_fn("image", train=True, augment="flip_crop", **img)),
+      "inception_crop": (data.ArraySource({"input": big, "label": labels}),
+                         data.make_preprocess_fn("image", train=True, augment="inception_crop",
+                                                 image_size=8, **img)),
+      "shift_noise": (data.ArraySource({"input": signals, "label": labels}),
+                      data.make_preprocess_fn("vector", train=True, augment="shift_noise")),
+  }
+
+
+def _global_batches(src, fn, process_count, steps=3, old_seeding=False):
+  """The first ``steps`` global batches, each the concatenation of every process's share."""
+  shares = []
+  for p in range(process_count):
+    if old_seeding:  # What the pipeline did before: grain seeds one rng per batch index.
+      idx = data.BatchIndices(len(src), 16, p, process_count, seed=0)
+      ds = idx.map(lambda e: src.gather(e["index"])).seed(0).random_map(fn).to_iter_dataset()
+    else:
+      ds = data.train_dataset(src, fn, global_batch_size=16, seed=0, process_index=p,
+                              process_count=process_count)
+    it = iter(ds)
+    shares.append([next(it) for _ in range(steps)])
+  return [{k: np.concatenate([s[i][k] for s in shares]) for k in shares[0][i]}
+          for i in range(steps)]
+
+
+@pytest.mark.parametrize("augment", ["flip_crop", "inception_crop", "shift_noise"])
+def test_augmented_global_batches_do_not_depend_on_process_count(augment):
+  src, fn = _augmented_sources()[augment]
+  one = _global_batches(src, fn, 1)
+  for n in (2, 4):
+    for a, b in zip(one, _global_batches(src, fn, n)):
+      np.testing.assert_array_equal(a["label"], b["label"])
+      np.testing.assert_array_equal(a["input"], b["input"], err_msg=f"{augment}, {n} processes")
+  # Augmentation really happened, and grain's per-element seeding (the old pipeline) gives
+  # every process the same draws for its row j, so 2 processes differ from 1 there.
+  assert not np.array_equal(one[0]["input"], fn(src.gather(one[0]["label"]),
+                                                 np.random.default_rng(5))["input"])
+  old_one = _global_batches(src, fn, 1, old_seeding=True)
+  old_two = _global_batches(src, fn, 2, old_seeding=True)
+  np.testing.assert_array_equal(old_one[0]["label"], old_two[0]["label"])
+  assert not np.array_equal(old_one[0]["input"], old_two[0]["input"])
+
+
+def test_imagenet_train_augmentation_flips():
+  """inception_crop is followed by a random horizontal flip (reference recipes)."""
+  image = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 10, (16, 1, 3))
+  fn = data.make_preprocess_fn("image", train=True, augment="inception_crop", image_size=16,
+                               mean=(0, 0, 0), std=(1, 1, 1))
+  rngs = [np.random.default_rng([0, i]) for i in range(64)]
+  out = fn({"input": [image] * 64, "label": np.zeros(64, np.int32)}, rngs)["input"][..., 0]
+  slope = np.diff(out.astype(np.float64), axis=2).mean(axis=(1, 2))  # Along the width.
+  assert np.all(slope != 0)
+  assert 10 < (slope > 0).sum() < 54  # Both orientations occur: the ramp was flipped.

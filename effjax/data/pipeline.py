@@ -10,7 +10,10 @@ number of processes:
   rows its local devices hold in the global ``jax.Array``.
 
 A 2-process run therefore sees exactly the global batches of a 1-process run, and the
-position (grain's iterator state) restores exactly after a resume.
+position (grain's iterator state) restores exactly after a resume. That includes random
+augmentation: every row gets its own generator, seeded from ``(seed, stream position)``,
+so a row's crop, flip or noise does not depend on which process reads it or on which
+other rows share its batch (``row_generators``).
 """
 
 import queue
@@ -68,20 +71,47 @@ class BatchIndices(grain.MapDataset):
             if self.shuffle else np.arange(self.num_records))
       return self._perms[epoch]
 
+  def positions(self, index: int) -> np.ndarray:
+    """Global stream positions of this process's rows of global batch ``index``."""
+    start = index * self.global_batch_size + self.process_index * self.local_batch_size
+    return np.arange(start, start + self.local_batch_size, dtype=np.int64)
+
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    start = index * self.global_batch_size + self.process_index * self.local_batch_size
-    positions = np.arange(start, start + self.local_batch_size, dtype=np.int64)
+    positions = self.positions(index)
     epochs, offsets = np.divmod(positions, self.num_records)
     out = np.empty_like(positions)
     for epoch in np.unique(epochs):
       sel = epochs == epoch
       out[sel] = self._permutation(int(epoch))[offsets[sel]]
-    return out
+    return {"index": out, "position": positions}
 
 
-def train_dataset(source, preprocess_fn: Callable[[Batch, np.random.Generator], Batch], *,
+def row_generators(seed: int, positions: np.ndarray) -> list[np.random.Generator]:
+  """One numpy generator per row, seeded from ``(seed, global stream position)``.
+
+  A row's random augmentation then depends only on the seed and where the row sits in
+  the global stream: not on the process count, the process, or the other rows of the
+  batch. (Grain's ``random_map`` seeds one generator per *element*, here a per-process
+  batch whose index is the same on every process, so every process would draw the same
+  numbers for its row j.)
+  """
+  return [np.random.default_rng([seed, int(p)]) for p in positions]
+
+
+class _ReadAndPreprocess:
+  """Gathers a batch's records and preprocesses them with per-row generators."""
+
+  def __init__(self, source, preprocess_fn, seed: int):
+    self.source, self.preprocess_fn, self.seed = source, preprocess_fn, seed
+
+  def __call__(self, element: dict) -> Batch:
+    batch = self.source.gather(element["index"])
+    return self.preprocess_fn(batch, row_generators(self.seed, element["position"]))
+
+
+def train_dataset(source, preprocess_fn: Callable[[Batch, list[np.random.Generator]], Batch], *,
                   global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_threads: int = 2, prefetch_buffer_size: int = 4,
                   num_workers: int = 0, shuffle: bool = True) -> grain.IterDataset:
@@ -89,7 +119,8 @@ def train_dataset(source, preprocess_fn: Callable[[Batch, np.random.Generator], 
 
   Args:
     source: a random-access source with ``__len__`` and ``gather(indices)``.
-    preprocess_fn: ``fn(batch, rng) -> batch``; the rng is seeded per batch by grain.
+    preprocess_fn: ``fn(batch, rngs) -> batch``, where ``rngs`` holds one numpy generator
+      per row, seeded from ``(seed, the row's global stream position)``.
     global_batch_size: examples per step over all processes.
     seed: seeds the epoch permutations and the augmentation.
     process_index, process_count: this process and how many there are.
@@ -104,7 +135,7 @@ def train_dataset(source, preprocess_fn: Callable[[Batch, np.random.Generator], 
   """
   indices = BatchIndices(len(source), global_batch_size, process_index, process_count,
                          seed=seed, shuffle=shuffle)
-  ds = indices.map(source.gather).seed(seed).random_map(preprocess_fn)
+  ds = indices.map(_ReadAndPreprocess(source, preprocess_fn, seed))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   if num_workers > 0:
@@ -126,13 +157,12 @@ def eval_batches(source, preprocess_fn, *, global_batch_size: int, process_index
   """
   n = len(source)
   local = global_batch_size // process_count
-  rng = np.random.default_rng(0)  # Unused by eval transforms; required by the signature.
   for k in range(num_eval_batches(n, global_batch_size)):
     pos = k * global_batch_size + process_index * local + np.arange(local)
     mask = pos < n
     batch = source.gather(np.where(mask, pos, 0))
     batch["mask"] = mask.astype(np.float32)
-    yield preprocess_fn(batch, rng)
+    yield preprocess_fn(batch, row_generators(0, pos))  # Eval transforms draw nothing.
 
 
 class Prefetcher:

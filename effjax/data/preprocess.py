@@ -1,8 +1,10 @@
 """Preprocessing and augmentation on host numpy batches (run in grain's worker threads).
 
 Every function maps a batch ``{'input': ..., 'label': ...}`` of raw records to model-ready
-float32 inputs and int32 labels. Random augmentations take a ``np.random.Generator`` that
-grain seeds from (dataset seed, batch index), so they are reproducible after a resume.
+float32 inputs and int32 labels. Random augmentations take one ``np.random.Generator``
+per row, which the pipeline seeds from (dataset seed, the row's global stream position):
+reproducible after a resume, and identical whatever the number of processes. (A single
+generator for the whole batch is accepted too, for direct use.)
 """
 
 from typing import Any, Callable, Sequence
@@ -16,7 +18,18 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-AUGMENTATIONS = ("none", "flip_crop", "inception_crop")
+AUGMENTATIONS = ("none", "flip_crop", "inception_crop", "shift_noise")
+Rngs = np.random.Generator | Sequence[np.random.Generator]
+
+
+def _draw(rngs: Rngs, b: int, fn: Callable[[np.random.Generator, Any], np.ndarray]):
+  """``fn(rng, size)`` for a batch of ``b`` rows: one vectorised draw from a single
+  generator, or one draw per row from per-row generators."""
+  if isinstance(rngs, np.random.Generator):
+    return fn(rngs, b)
+  if len(rngs) != b:
+    raise ValueError(f"{len(rngs)} row generators for a batch of {b}")
+  return np.asarray([fn(r, None) for r in rngs])
 
 
 def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -24,20 +37,35 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
   return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
-def random_flip_crop(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+def random_flip_crop(images: np.ndarray, rng: Rngs, pad: int = 4) -> np.ndarray:
   """The standard CIFAR augmentation: zero-pad by ``pad``, random crop back, random h-flip.
 
   Vectorised over the batch: one gather instead of a Python loop over examples.
+  ``rng`` is one generator per row (the pipeline's) or one for the batch.
   """
   b, h, w = images.shape[:3]
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dy = rng.integers(0, 2 * pad + 1, size=b)
-  dx = rng.integers(0, 2 * pad + 1, size=b)
-  flip = rng.random(b) < 0.5
+  draws = _draw(rng, b, lambda r, n: np.stack([r.integers(0, 2 * pad + 1, size=n),
+                                               r.integers(0, 2 * pad + 1, size=n),
+                                               r.random(n) < 0.5], -1))
+  dy, dx, flip = draws[:, 0].astype(np.int64), draws[:, 1].astype(np.int64), draws[:, 2] > 0
   rows = dy[:, None] + np.arange(h)[None, :]                       # (b, h)
   cols = dx[:, None] + np.arange(w)[None, :]                       # (b, w)
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def random_shift_noise(x: np.ndarray, rng: Rngs, max_shift: int = 4,
+                       noise: float = 0.1) -> np.ndarray:
+  """mnist1d-style augmentation of 1-D signals ``[b, length]``: a random circular
+  translation by ``-max_shift..max_shift`` positions and iid Gaussian noise of std
+  ``noise`` (two of the transforms that generate mnist1d, Greydanus 2020,
+  arXiv:2011.14439)."""
+  b, n = x.shape[:2]
+  shifts = _draw(rng, b, lambda r, k: r.integers(-max_shift, max_shift + 1, size=k))
+  eps = _draw(rng, b, lambda r, k: r.standard_normal((n,) if k is None else (k, n)))
+  idx = (np.arange(n)[None, :] - shifts[:, None]) % n
+  return (np.take_along_axis(x, idx, axis=1) + noise * eps).astype(np.float32)
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -74,7 +102,7 @@ def center_crop(image: np.ndarray, size: int = 224, crop_fraction: float = 0.875
 
 
 def make_preprocess_fn(kind: str, *, train: bool, augment: str, image_size: int = 224,
-                       mean=None, std=None) -> Callable[[Batch, np.random.Generator], Batch]:
+                       mean=None, std=None) -> Callable[[Batch, Rngs], Batch]:
   """Returns ``fn(batch, rng) -> batch`` producing ``{'input': f32, 'label': i32}``.
 
   Args:
@@ -83,6 +111,9 @@ def make_preprocess_fn(kind: str, *, train: bool, augment: str, image_size: int 
     train: whether random augmentation applies.
     augment: one of ``AUGMENTATIONS``; ignored when ``train`` is False except that
       ``'inception_crop'`` selects the matching centre-crop evaluation transform.
+      ``'inception_crop'`` is followed by a random horizontal flip, as in the reference
+      ResNet-50 recipes (Goyal et al. 2017; the flax ImageNet example);
+      ``'shift_noise'`` applies to ``'vector'`` inputs.
     image_size: output size for ``inception_crop``.
     mean, std: per-channel statistics for ``'image'`` inputs (after scaling to [0, 1]).
 
@@ -92,16 +123,26 @@ def make_preprocess_fn(kind: str, *, train: bool, augment: str, image_size: int 
   if augment not in AUGMENTATIONS:
     raise ValueError(f"input.augment={augment!r} is not one of {AUGMENTATIONS}")
 
-  def fn(batch: Batch, rng: np.random.Generator) -> Batch:
+  if augment == "shift_noise" and kind != "vector":
+    raise ValueError(f"input.augment='shift_noise' applies to vector inputs, not {kind!r}")
+
+  def fn(batch: Batch, rng: Rngs) -> Batch:
     x = batch["input"]
     if kind == "vector":
       x = np.asarray(x, np.float32)
+      if train and augment == "shift_noise":
+        x = random_shift_noise(x, rng)
     elif kind == "digits":
       x = np.asarray(x, np.float32) / 16.0
     elif kind == "image":
       if augment == "inception_crop":
-        x = np.stack([inception_crop(im, rng, image_size) if train else center_crop(im, image_size)
-                      for im in x])
+        if train:
+          rows = [rng] * len(x) if isinstance(rng, np.random.Generator) else rng
+          x = np.stack([inception_crop(im, r, image_size) for im, r in zip(x, rows)])
+          flip = _draw(rng, len(x), lambda r, n: r.random(n) < 0.5)
+          x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+        else:
+          x = np.stack([center_crop(im, image_size) for im in x])
       else:
         x = np.stack(list(x)) if isinstance(x, list) else x
         if train and augment == "flip_crop":
