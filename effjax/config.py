@@ -15,7 +15,7 @@ from ml_collections import config_dict
 from effjax.adaptive import BATCH_SCHEDULES, GROW_MODES
 from effjax.data import AUGMENTATIONS, SPECS
 from effjax.distributed import INITIALIZE_MODES
-from effjax.models import CONVS, MODELS, NORMS
+from effjax.models import CONVS, MODELS, NORMS, cross_replica_statistics
 from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
                           ema_decay_for_batch, scale_learning_rate)
 from effjax.parallel import PARALLEL_MODES
@@ -101,7 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.tvlars.min_factor = 0.0       # gamma_min.
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
+  # None: the optimizer's own default (adamw 1e-8, lamb 1e-6, as in the LAMB paper's code).
+  c.optimizer.eps = config_dict.placeholder(float)
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.decay = "cosine"
@@ -298,6 +299,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                       "noise_scale.enabled=True")
   if not 0.0 <= c.noise_scale.decay < 1.0:
     raise ConfigError(f"noise_scale.decay={c.noise_scale.decay!r} must be in [0, 1)")
+  if (c.noise_scale.enabled and c.accum_steps < 2 and
+      cross_replica_statistics(c.model.norm, c.model.bcn_estimated)):
+    raise ConfigError(
+        f"noise_scale.enabled with model.norm={c.model.norm!r} needs accum_steps >= 2: "
+        "cross-replica statistics leave no per-replica small-batch gradient, so the small "
+        "batch is a microbatch of the global batch")
   if not 0.0 <= c.ema.decay < 1.0:
     raise ConfigError(f"ema.decay={c.ema.decay!r} must be in [0, 1)")
   _check_positive("ema.base_batch_size", c.ema.base_batch_size)

@@ -5,7 +5,7 @@ them under ``shard_map`` or ``pmap``. Hyperparameters reach them through the sta
 static fields (``apply_fn``, ``tx``, ``schedule``) or keyword arguments bound once.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
@@ -15,6 +15,7 @@ from flax import struct
 
 from effjax import adaptive as adaptive_lib
 from effjax import stats as stats_lib
+from effjax.optim.factory import is_lr_injected, set_learning_rate
 from effjax.optim.transforms import trust_ratio_stats
 from effjax.parallel import DATA_AXIS, global_norm, global_sq_norm
 
@@ -47,8 +48,8 @@ class TrainState(struct.PyTreeNode):
     noise_scale: the gradient noise scale's averages, an ``effjax.stats.NoiseScaleState``
       (an empty dict when off).
     batch_size_state: under the adaptive batch size, an ``effjax.adaptive.BatchSizeState``
-      (base batches consumed, current multiplier); the optimizer then runs with LR 1 and
-      the step multiplies its updates by ``schedule(base_step)`` (an empty dict when off).
+      (base batches consumed, current multiplier); the step then sets the optimizer's LR
+      to ``schedule(base_step)`` times the scaling rule's factor (an empty dict when off).
     apply_fn, tx, schedule: the model's apply, the optimizer, the LR schedule (static).
   """
   step: jax.Array
@@ -81,7 +82,7 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module, tx, schedule,
   """Initialises parameters (with a batch of one), the optimizer state, if ``ema`` the
   parameter EMA (starting at the initial parameters), and if ``noise_scale`` the
   noise-scale averages, and if ``adaptive_batch`` the batch-size state (build ``tx`` with
-  ``unit_lr=True`` then), on the host."""
+  ``create_optimizer(..., inject_lr=True)`` then), on the host."""
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + tuple(input_shape)),
                                            train=False))(rng)
   params = variables["params"]
@@ -105,6 +106,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def _varying_axes(x) -> frozenset:
+  """The mesh axes ``x`` varies over under ``shard_map(check_vma=True)`` (else empty)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+  return frozenset(vma)
+
+
+def as_per_replica(tree: Any, batch: dict) -> Any:
+  """Marks ``tree`` (the replicated state read by the loss) as varying over ``DATA_AXIS``
+  when the step runs under ``shard_map(check_vma=True)``.
+
+  With check_vma on, autodiff of a replicated (invariant) input sums its gradient over
+  the axis by itself, so the explicit mean that ``pmap`` and ``check_vma=False`` need
+  would give ``n`` times the gradient, and no per-replica gradient (the noise scale's
+  small batch) would exist. Made varying first, the gradients are per-replica under all
+  three launch modes, and the step's one ``pmean`` means the same thing everywhere.
+  The mode is detected from the batch, which varies over ``DATA_AXIS`` only under
+  check_vma.
+  """
+  if DATA_AXIS not in _varying_axes(jax.tree.leaves(batch)[0]):
+    return tree
+  cast = lambda x: x if DATA_AXIS in _varying_axes(x) else jax.lax.pcast(
+      x, DATA_AXIS, to="varying")
+  return jax.tree.map(cast, tree)
+
+
 def _loss_and_grads(state: TrainState, params, batch_stats, batch: dict,
                     label_smoothing: float):
   """Loss, correct-prediction count, new BN statistics and gradients on one batch."""
@@ -112,8 +141,14 @@ def _loss_and_grads(state: TrainState, params, batch_stats, batch: dict,
     variables = {"params": p}
     if batch_stats:
       variables["batch_stats"] = batch_stats
+    # Every collection but the parameters may change (not just batch_stats); the state
+    # keeps batch_stats, and a model that writes another collection is refused below.
     logits, new_vars = state.apply_fn(variables, batch["input"], train=True,
-                                      mutable=["batch_stats"])
+                                      mutable=flax.core.DenyList("params"))
+    extra = sorted(set(new_vars) - {"batch_stats"})
+    if extra:
+      raise ValueError(f"the model writes collections {extra} that the TrainState does not "
+                       "keep (it keeps params and batch_stats)")
     loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
     return loss, (logits, new_vars.get("batch_stats", {}))
 
@@ -122,17 +157,131 @@ def _loss_and_grads(state: TrainState, params, batch_stats, batch: dict,
   return loss, accuracy, new_stats, grads
 
 
+SMALL_BATCHES = ("replica", "microbatch")
+
+
+def _grads(state: TrainState, batch: dict, label_smoothing: float, accum_steps: int,
+           accum_unroll: bool, small_batch: Optional[str]):
+  """Loss and gradients over this replica's batch (in ``accum_steps`` microbatches).
+
+  Returns ``(grads, batch_stats, loss, accuracy, small_sq, reduced)``: ``small_sq`` is
+  the mean squared norm of the small-batch gradients (None when ``small_batch`` is None):
+  each replica's microbatch gradient (``'replica'``), or each microbatch's gradient over
+  all replicas (``'microbatch'``, whose gradients are then all-reduced per microbatch, so
+  ``reduced`` is True and the caller does not reduce them again).
+  """
+  params, stats0 = as_per_replica((state.params, state.batch_stats), batch)
+  b = batch["label"].shape[0]
+  k = accum_steps
+  per_micro = small_batch == "microbatch"
+  sq = (lambda g: global_sq_norm(jax.lax.pmean(g, DATA_AXIS)) if per_micro
+        else global_sq_norm(g))
+  if k == 1 and not per_micro:
+    loss, accuracy, stats, grads = _loss_and_grads(state, params, stats0, batch,
+                                                   label_smoothing)
+    return grads, stats, loss, accuracy, sq(grads) if small_batch else None, False
+  micro = jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), batch)
+
+  def body(carry, mb):
+    grad_sum, stats, loss_sum, acc_sum, sq_sum = carry
+    loss, acc, stats, g = _loss_and_grads(state, params, stats, mb, label_smoothing)
+    if per_micro:
+      g = jax.lax.pmean(g, DATA_AXIS)
+    sq_sum = sq_sum + global_sq_norm(g) if small_batch else sq_sum
+    grad_sum = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grad_sum, g)
+    return (grad_sum, stats, loss_sum + loss, acc_sum + acc, sq_sum), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  zero = jnp.zeros((), jnp.float32)
+  (grad_sum, stats, loss, accuracy, small_sq), _ = jax.lax.scan(
+      body, (zeros, stats0, zero, zero, zero), micro, unroll=True if accum_unroll else 1)
+  grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state.params)
+  return (grads, stats, loss / k, accuracy / k, small_sq / k if small_batch else None,
+          per_micro)
+
+
+def _learning_rate(state: TrainState, lr_factor: float, max_learning_rate: float,
+                   batch_multiplier: int):
+  """The LR of this step, and the batch-size state after it.
+
+  The schedule follows the data: under the adaptive batch size, the base batches consumed
+  (times the scaling rule's factor, capped); else the step counter. Both advance on
+  skipped steps too, since the data moves on.
+  """
+  size_state = state.batch_size_state
+  if isinstance(size_state, adaptive_lib.BatchSizeState):
+    lr = jnp.asarray(state.schedule(size_state.base_step), jnp.float32) * lr_factor
+    if max_learning_rate:
+      lr = jnp.minimum(lr, max_learning_rate)
+    size_state = adaptive_lib.BatchSizeState(
+        base_step=size_state.base_step + batch_multiplier,
+        multiplier=jnp.full((), batch_multiplier, jnp.int32))
+    return lr, size_state
+  return jnp.asarray(state.schedule(state.step), jnp.float32), size_state
+
+
+def _update(state: TrainState, grads, lr):
+  """The optimizer update with ``lr`` set inside the optimizer (where each optimizer
+  applies it: LARS/TVLARS before their momentum, Adam-family last)."""
+  opt_state = state.opt_state
+  if is_lr_injected(opt_state):
+    opt_state = set_learning_rate(opt_state, lr)
+  elif isinstance(state.batch_size_state, adaptive_lib.BatchSizeState):
+    raise ValueError("the adaptive batch size sets the LR inside the optimizer: build it "
+                     "with create_optimizer(..., inject_lr=True)")
+  updates, opt_state = state.tx.update(grads, opt_state, state.params)
+  return updates, opt_state, optax.apply_updates(state.params, updates)
+
+
+def _guards(state: TrainState, loss, grad_norm, update_norm, nonfinite: str,
+            max_consecutive_skips: int):
+  """``(ok, skips, stop_now)``: whether to apply this step's update, the skip counters,
+  and whether training must stop at this step (see ``train_step``'s ``nonfinite``)."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  ok = finite & (state.nonfinite_step < 0)
+  skips = state.skips
+  if nonfinite == "skip":
+    bad = ~finite
+    skips = SkipCounts(total=skips.total + bad.astype(jnp.int32),
+                       consecutive=jnp.where(bad, skips.consecutive + 1, 0))
+    return ok, skips, skips.consecutive >= max_consecutive_skips
+  if nonfinite == "stop":
+    return ok, skips, ~finite
+  raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
+
+
+def _noise_scale(state: TrainState, small_sq, big_sq, b_small: int, b_big: int, decay: float):
+  """The noise-scale averages after this step (``effjax.stats``)."""
+  g2, trace = stats_lib.noise_scale_from_norms(small_sq, big_sq, b_small, b_big)
+  return stats_lib.update_noise_scale(state.noise_scale, g2, trace, decay)
+
+
+def _metrics(new_state: TrainState, loss, accuracy, lr, grad_norm, update_norm,
+             nonfinite: str, noise_scale_decay: float) -> dict:
+  metrics = {"train/loss": loss, "train/accuracy": accuracy, "lr": lr,
+             "grad_norm": grad_norm, "param_norm": global_norm(new_state.params),
+             "update_norm": update_norm}
+  if nonfinite == "skip":
+    metrics["nonfinite/skipped"] = new_state.skips.total.astype(jnp.float32)
+  metrics.update(trust_ratio_stats(new_state.opt_state))  # lars/lamb/tvlars only.
+  if isinstance(new_state.noise_scale, stats_lib.NoiseScaleState):
+    metrics.update(stats_lib.noise_scale_metrics(new_state.noise_scale, noise_scale_decay))
+  return metrics
+
+
 def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
                ema_decay: float = 0.0, accum_steps: int = 1, noise_scale_decay: float = 0.99,
                batch_multiplier: int = 1, lr_factor: float = 1.0, max_learning_rate: float = 0.0,
                accum_unroll: bool = False, nonfinite: str = "stop",
-               max_consecutive_skips: int = 10):
+               max_consecutive_skips: int = 10, noise_small_batch: str = "replica"):
   """One optimizer step on this replica's share of the global batch.
 
   The loss is the mean over this replica's examples; gradients are averaged over
   ``DATA_AXIS``, which equals the gradient of the mean loss over the global batch (all
   replicas hold the same number of examples). BatchNorm running averages are averaged
-  over replicas too, so they stay identical on every replica.
+  over replicas too, so they stay identical on every replica. The step is correct under
+  ``pmap`` and ``shard_map`` with ``check_vma`` off (effjax's ``Runner``) or on (a user's
+  own ``shard_map``; see ``as_per_replica``).
 
   With ``accum_steps = k > 1`` the replica's batch is split into k consecutive
   microbatches, run one after the other under ``lax.scan`` (activation memory of one
@@ -144,42 +293,55 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
   per microbatch, in order, as k forward passes would.
 
   When the state keeps a noise-scale average (``state.noise_scale``), the step estimates
-  |G|^2 and tr(Sigma) from the small-batch gradients (each microbatch on each replica:
-  ``b / k`` examples; their squared norms are averaged) and the global gradient, and
-  updates the averages (``effjax.stats``).
+  |G|^2 and tr(Sigma) from small-batch gradients and the global gradient, and updates
+  the averages (``effjax.stats``). The small batch is chosen by ``noise_small_batch``:
+
+  - ``'replica'``: each microbatch on each replica (``b / k`` examples). Right only when
+    each replica's gradient is the gradient of its own examples' loss, i.e. when no
+    statistic crosses replicas.
+  - ``'microbatch'``: microbatch j of every replica together (``B / k`` examples), with
+    an all-reduce of each microbatch's gradient. Needed for cross-replica statistics
+    (sync/grouped BN): the transpose of their ``psum`` sends every replica's loss into
+    each replica's gradient, so a per-replica gradient is not a small-batch gradient;
+    only the mean over replicas is. Needs ``accum_steps >= 2``.
 
   Args:
-    state: the replicated ``TrainState``.
+    state: the replicated ``TrainState``; its optimizer built with
+      ``create_optimizer(..., inject_lr=True)`` (the step sets the LR in it), or, for a
+      fixed batch only, any optax transformation following its own schedule.
     batch: ``{'input': [b, ...], 'label': [b]}``, this replica's rows.
     label_smoothing: label-smoothing factor for the cross-entropy.
     ema_decay: momentum of the parameter EMA, if the state keeps one (scale it with the
       batch size by ``effjax.optim.ema_decay_for_batch``).
     accum_steps: microbatches per step; must divide ``b``.
-    accum_unroll: unroll the microbatch loop instead of a ``lax.scan`` loop. XLA:CPU runs
-      convolutions inside a loop about 30 times slower (measured on the mnist1d CNN), so
-      the trainer unrolls on CPU; on accelerators the scan keeps one microbatch's
-      activations live at a time.
     noise_scale_decay: momentum of the noise-scale averages.
     batch_multiplier: under the adaptive batch size (``state.batch_size_state``), how many
       base batches this step's batch holds; the base step advances by it.
     lr_factor: under the adaptive batch size, the scaling rule's LR factor for
-      ``batch_multiplier``: the updates are multiplied by
-      ``schedule(base_step) * lr_factor``, at most ``max_learning_rate`` (if > 0).
+      ``batch_multiplier``: the LR is ``schedule(base_step) * lr_factor``, at most
+      ``max_learning_rate`` (if > 0), set inside the optimizer.
+    accum_unroll: unroll the microbatch loop instead of a ``lax.scan`` loop. XLA:CPU runs
+      convolutions inside a loop about 30 times slower (measured on the mnist1d CNN), so
+      the trainer unrolls on CPU; on accelerators the scan keeps one microbatch's
+      activations live at a time.
     nonfinite: what a NaN/Inf loss or gradient does. ``'stop'``: the state freezes at the
       last finite one and ``nonfinite_step`` records the step. ``'skip'``: the update is
       dropped (parameters, optimizer state, BN statistics, EMA and noise-scale averages
-      stay as they were; the step counter and the data move on), counted in
-      ``state.skips``; ``max_consecutive_skips`` skips in a row then stop as ``'stop'``.
+      stay as they were), counted in ``state.skips``; the step counter, the batch-size
+      state and so the LR schedule move on with the data. ``max_consecutive_skips``
+      skips in a row then stop as ``'stop'``.
+    noise_small_batch: ``'replica'`` or ``'microbatch'``, see above.
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
-    ``train/accuracy``, ``lr``, ``grad_norm``, ``param_norm``, ``update_norm``, for
-    optimizers with a trust ratio ``trust_ratio/{min,median,max}``, and with the noise
-    scale ``noise_scale/{g2,trace_sigma,b_simple}``.
+    ``train/accuracy``, ``lr`` (the LR the optimizer applied), ``grad_norm``,
+    ``param_norm``, ``update_norm``, for optimizers with a trust ratio
+    ``trust_ratio/{min,median,max}``, and with the noise scale
+    ``noise_scale/{g2,trace_sigma,b_simple}``.
 
   Raises:
-    ValueError: ``accum_steps`` does not divide the batch, or the noise scale is on with
-      one replica and no microbatches (there is no small batch then).
+    ValueError: ``accum_steps`` does not divide the batch, or the noise scale has no
+      small batch (one replica and no microbatches, or ``'microbatch'`` with one).
 
   References:
     McCandlish et al. 2018, arXiv:1812.06162 (noise scale).
@@ -188,77 +350,38 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
   if accum_steps < 1 or b % accum_steps:
     raise ValueError(f"accum_steps={accum_steps} must be a positive divisor of the "
                      f"per-replica batch of {b}")
-  if accum_steps == 1:
-    loss, accuracy, batch_stats, grads = _loss_and_grads(state, state.params,
-                                                         state.batch_stats, batch,
-                                                         label_smoothing)
-    small_sq = global_sq_norm(grads)
-  else:
-    micro = jax.tree.map(lambda x: x.reshape((accum_steps, b // accum_steps) + x.shape[1:]),
-                         batch)
-
-    def body(carry, mb):
-      grad_sum, stats, loss_sum, acc_sum, sq_sum = carry
-      loss, acc, stats, g = _loss_and_grads(state, state.params, stats, mb, label_smoothing)
-      grad_sum = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grad_sum, g)
-      return (grad_sum, stats, loss_sum + loss, acc_sum + acc, sq_sum + global_sq_norm(g)), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    zero = jnp.zeros((), jnp.float32)
-    (grad_sum, batch_stats, loss, accuracy, small_sq), _ = jax.lax.scan(
-        body, (zeros, state.batch_stats, zero, zero, zero), micro,
-        unroll=True if accum_unroll else 1)
-    grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), grad_sum,
-                         state.params)
-    loss, accuracy, small_sq = loss / accum_steps, accuracy / accum_steps, small_sq / accum_steps
-
+  if noise_small_batch not in SMALL_BATCHES:
+    raise ValueError(f"noise_small_batch={noise_small_batch!r} is not one of {SMALL_BATCHES}")
+  noise_on = isinstance(state.noise_scale, stats_lib.NoiseScaleState)
+  n = jax.lax.axis_size(DATA_AXIS)
+  b_small = b // accum_steps * (n if noise_small_batch == "microbatch" else 1)
+  if noise_on and b_small >= b * n:
+    raise ValueError(f"the noise scale needs two batch sizes; its small batch "
+                     f"({noise_small_batch!r}: {b_small} examples) is the whole batch: "
+                     "use more replicas or accum_steps > 1")
+  grads, batch_stats, loss, accuracy, small_sq, reduced = _grads(
+      state, batch, label_smoothing, accum_steps, accum_unroll,
+      noise_small_batch if noise_on else None)
   # One all-reduce for everything the replicas average: each collective is a rendezvous
-  # of all replicas, so five separate ones cost measurably more than one (CPU: ~7% of
-  # the mnist1d CNN step on 8 devices; see BENCHMARKS.md).
-  grads, batch_stats, loss, accuracy, small_sq_mean = jax.lax.pmean(
-      (grads, batch_stats, loss, accuracy, small_sq), DATA_AXIS)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  size_state = state.batch_size_state
-  if isinstance(size_state, adaptive_lib.BatchSizeState):
-    lr = jnp.asarray(state.schedule(size_state.base_step), jnp.float32) * lr_factor
-    if max_learning_rate:
-      lr = jnp.minimum(lr, max_learning_rate)
-    updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
-    size_state = adaptive_lib.BatchSizeState(
-        base_step=size_state.base_step + batch_multiplier,
-        multiplier=jnp.full((), batch_multiplier, jnp.int32))
-  else:
-    lr = jnp.asarray(state.schedule(state.step), jnp.float32)
-  params = optax.apply_updates(state.params, updates)
-
-  grad_norm = global_norm(grads)
-  update_norm = global_norm(updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-  ok = finite & (state.nonfinite_step < 0)
-  skips = state.skips
-  if nonfinite == "skip":
-    bad = ~finite
-    skips = SkipCounts(total=skips.total + bad.astype(jnp.int32),
-                       consecutive=jnp.where(bad, skips.consecutive + 1, 0))
-    stop_now = skips.consecutive >= max_consecutive_skips
-  elif nonfinite == "stop":
-    stop_now = ~finite
-  else:
-    raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  # of all replicas, so separate ones cost measurably more than one (CPU: ~7% of the
+  # mnist1d CNN step on 8 devices; see BENCHMARKS.md).
+  to_mean = (batch_stats, loss, accuracy, small_sq) + (() if reduced else (grads,))
+  batch_stats, loss, accuracy, small_sq, *rest = jax.lax.pmean(to_mean, DATA_AXIS)
+  grads = rest[0] if rest else grads
+  lr, size_state = _learning_rate(state, lr_factor, max_learning_rate, batch_multiplier)
+  updates, opt_state, params = _update(state, grads, lr)
+  grad_norm, update_norm = global_norm(grads), global_norm(updates)
+  ok, skips, stop_now = _guards(state, loss, grad_norm, update_norm, nonfinite,
+                                max_consecutive_skips)
+  keep = lambda new, old: jax.tree.map(lambda a, b_: jnp.where(ok, a, b_), new, old)
   ema_params = state.ema_params
   if ema_params:
     ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                               ema_params, params)
   noise = state.noise_scale
-  if isinstance(noise, stats_lib.NoiseScaleState):
-    n = jax.lax.axis_size(DATA_AXIS)
-    if n == 1 and accum_steps == 1:
-      raise ValueError("the noise scale needs two batch sizes: more than one replica or "
-                       "accum_steps > 1")
-    g2, trace = stats_lib.noise_scale_from_norms(
-        small_sq_mean, jnp.square(grad_norm), b // accum_steps, b * n)
-    noise = stats_lib.update_noise_scale(noise, g2, trace, noise_scale_decay)
+  if noise_on:
+    noise = _noise_scale(state, small_sq, jnp.square(grad_norm), b_small, b * n,
+                         noise_scale_decay)
   new_state = state.replace(
       step=state.step + 1,
       ema_params=keep(ema_params, state.ema_params),
@@ -266,24 +389,12 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
       batch_stats=keep(batch_stats, state.batch_stats),
       opt_state=keep(opt_state, state.opt_state),
       noise_scale=keep(noise, state.noise_scale),
-      batch_size_state=keep(size_state, state.batch_size_state),
+      batch_size_state=size_state,
       skips=skips,
       nonfinite_step=jnp.where(stop_now & (state.nonfinite_step < 0), state.step,
                                state.nonfinite_step))
-  metrics = {
-      "train/loss": loss,
-      "train/accuracy": accuracy,
-      "lr": lr,
-      "grad_norm": grad_norm,
-      "param_norm": global_norm(new_state.params),
-      "update_norm": update_norm,
-  }
-  if nonfinite == "skip":
-    metrics["nonfinite/skipped"] = skips.total.astype(jnp.float32)
-  metrics.update(trust_ratio_stats(new_state.opt_state))  # lars/lamb/tvlars only.
-  if isinstance(noise, stats_lib.NoiseScaleState):
-    metrics.update(stats_lib.noise_scale_metrics(new_state.noise_scale, noise_scale_decay))
-  return new_state, metrics
+  return new_state, _metrics(new_state, loss, accuracy, lr, grad_norm, update_norm,
+                             nonfinite, noise_scale_decay)
 
 
 def eval_step(state: TrainState, batch: dict):

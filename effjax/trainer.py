@@ -137,7 +137,7 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Se
     spec, train, evals = data_lib.get_spec(config.dataset.name), None, None
   model = models.create_model(config.model, spec.num_classes, _dtype(config))
   adaptive = config.batch_schedule == "adaptive"
-  tx, schedule = optim.create_optimizer(config, config.num_train_steps, unit_lr=adaptive)
+  tx, schedule = optim.create_optimizer(config, config.num_train_steps, inject_lr=True)
   noise_scale = config.noise_scale.enabled
   if noise_scale and runner.num_devices == 1 and config.accum_steps == 1:
     logging.warning("noise_scale.enabled is ignored: estimating it needs two batch sizes, "
@@ -210,7 +210,9 @@ def make_train_step(config, multiplier: int = 1):
                     (config.accum_loop == "auto" and jax.default_backend() == "cpu")),
       lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule),
       max_learning_rate=config.adaptive.max_learning_rate,
-      nonfinite=config.nonfinite, max_consecutive_skips=config.max_consecutive_skips)
+      nonfinite=config.nonfinite, max_consecutive_skips=config.max_consecutive_skips,
+      noise_small_batch=("microbatch" if models.cross_replica_statistics(
+          config.model.norm, config.model.bcn_estimated) else "replica"))
 
 
 def _raise_if_nonfinite(runner: Runner, state, config) -> None:

@@ -49,3 +49,20 @@ def snapshot(path):
       with open(p, "rb") as fh:
         out[os.path.relpath(p, path)] = (fh.read(), os.stat(p).st_mtime_ns)
   return out
+
+
+def assert_trees_close(actual, expected, err_msg="", **tolerances):
+  """Leaf-by-leaf ``assert_allclose`` of two pytrees whose structures must be equal.
+
+  Zipping ``jax.tree.leaves`` of both would silently truncate a structure mismatch;
+  ``jax.tree.map`` over both raises on one. Each leaf's error names its path.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sa, se = jax.tree.structure(actual), jax.tree.structure(expected)
+  assert sa == se, f"{err_msg}: tree structures differ:\n{sa}\n{se}"
+
+  def check(path, a, e):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e),
+                               err_msg=f"{err_msg} {jax.tree_util.keystr(path)}", **tolerances)
+  jax.tree_util.tree_map_with_path(check, actual, expected)

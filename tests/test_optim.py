@@ -54,9 +54,58 @@ def test_warmup_longer_than_training_is_an_error():
 
 
 def test_weight_decay_mask_skips_biases_and_norm_params():
+  import jax
   import jax.numpy as jnp
   params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)},
-            "bn": {"scale": jnp.ones(4)}}
+            "bn": {"scale": jnp.ones(4)}, "embed": {"position": jnp.ones((1, 8, 4))}}
   mask = optim.decay_mask("ndim>1")(params)
-  assert mask == {"conv": {"kernel": True, "bias": False}, "bn": {"scale": False}}
-  assert optim.decay_mask("all") is None
+  assert mask == {"conv": {"kernel": True, "bias": False}, "bn": {"scale": False},
+                  "embed": {"position": False}}
+  # 'all' is an explicit mask, never None (which optax reads as "all" and effjax's
+  # lars/lamb as "weights only").
+  every = optim.decay_mask("all")
+  assert every is not None and all(jax.tree.leaves(every(params)))
+  assert optim.default_mask(params) == mask
+
+
+def test_position_embeddings_get_no_weight_decay():
+  """The transformer's learned positions (2-D) are excluded like biases, as in big_vision."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  params = {"position": jnp.ones((1, 8, 4)), "kernel": jnp.ones((4, 4))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for tx in (optim.lars(1.0, weight_decay=0.1, momentum=0.0),
+             optim.lamb(1.0, weight_decay=0.1)):
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert float(jnp.abs(updates["position"]).max()) == 0.0
+    assert float(jnp.abs(updates["kernel"]).max()) > 0.0
+
+
+def test_lamb_eps_defaults_to_the_papers_1e6():
+  from effjax.config import base_config
+  from effjax.optim import factory
+  c = base_config()
+  c.optimizer.name = "lamb"
+  assert c.optimizer.eps is None
+  g = {"w": jnp_ones((2,)) * 1e-7}  # A bias: no trust ratio, so eps shows.
+  got = _first_update(factory._build(c.optimizer, 1.0), g)
+  ref = _first_update(optim.lamb(1.0, eps=1e-6), g)
+  wrong = _first_update(optim.lamb(1.0, eps=1e-8), g)
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  assert not np.allclose(got, wrong, rtol=1e-3)
+  c.optimizer.eps = 1e-8  # An explicit value still wins.
+  np.testing.assert_allclose(_first_update(factory._build(c.optimizer, 1.0), g), wrong,
+                             rtol=1e-6)
+
+
+def jnp_ones(shape):
+  import jax.numpy as jnp
+  return jnp.ones(shape)
+
+
+def _first_update(tx, grads):
+  import jax
+  params = jax.tree.map(lambda g: g * 0 + 1.0, grads)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return np.asarray(updates["w"])

@@ -34,12 +34,13 @@ RNG = random.Random(SEED)
 TIMING = ("steps_per_sec", "examples_per_sec")
 
 # 62 steps of 128 (2 epochs of the 4000-example canonical split), sync BN, parameter EMA,
-# noise scale, a checkpoint every 3 steps and a metrics row every step.
+# noise scale (over 2 microbatches of the global batch, as sync BN needs), a checkpoint
+# every 3 steps and a metrics row every step.
 BASE = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=2",
         "--config.log_every=1", "--config.model.widths=(16,32)",
         "--config.model.norm=sync_batch", "--config.eval_every_epochs=1",
         "--config.checkpoint.every_steps=3", "--config.ema.enabled=True",
-        "--config.noise_scale.enabled=True"]
+        "--config.noise_scale.enabled=True", "--config.accum_steps=2"]
 TOTAL = 62
 # The adaptive batch size grows the batch from 128 toward 512 along the noise scale.
 ADAPTIVE = BASE + ["--config.num_epochs=3", "--config.batch_schedule=adaptive",

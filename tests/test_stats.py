@@ -1,6 +1,7 @@
 """The gradient noise scale (McCandlish et al., arXiv:1812.06162) and gradient
 accumulation, on 8 simulated devices."""
 
+import functools
 import logging
 
 import jax
@@ -13,7 +14,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import effjax
 from effjax import data as data_lib
 from effjax import stats, steps, trainer
-from tests.helpers import tiny_config
+from tests.helpers import assert_trees_close, tiny_config
 
 
 def test_noise_scale_matches_least_squares_in_closed_form():
@@ -92,20 +93,32 @@ def test_accumulation_equals_one_step_on_the_whole_batch(data_dir, norm, loop):
   one, h1 = _train(base, batches)
   acc, h4 = _train(tiny_config(data_dir, accum_steps=4, accum_loop=loop,
                                **{"model.norm": norm}), batches)
-  for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(acc["params"])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert_trees_close(one["params"], acc["params"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(h1[0]["train/loss"], h4[0]["train/loss"], rtol=1e-6)
   np.testing.assert_allclose(h1[0]["grad_norm"], h4[0]["grad_norm"], rtol=1e-6)
 
 
-def test_accumulation_with_sync_bn_normalizes_each_global_microbatch(data_dir):
+def _numpy_noise_scale(small_sq, big_sq, b_small, b_big):
+  """McCandlish et al. (arXiv:1812.06162, Appendix A.1), re-derived in numpy."""
+  g2 = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+  trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+  return g2, trace
+
+
+def test_sync_bn_microbatches_and_noise_scale_equal_one_device(data_dir):
   """accum_steps=2, sync BN, 8 replicas of 16: microbatch j is rows [8j, 8j+8) of every
   replica; its statistics span those 64 examples, and the running averages are updated
   once per microbatch, in order. Reference: plain BN on one device, microbatch by
-  microbatch, gradients averaged."""
-  config = tiny_config(data_dir, accum_steps=2, **{"model.norm": "sync_batch"})
+  microbatch, gradients averaged.
+
+  The noise scale under sync BN takes its small batch from those global microbatches
+  (64 examples) and equals the estimator computed here on one device from the same
+  examples. The per-replica estimate (the old behaviour) is off: the transpose of the
+  statistics' psum puts every replica's loss into each replica's gradient."""
+  config = tiny_config(data_dir, accum_steps=2, **{
+      "model.norm": "sync_batch", "noise_scale.enabled": True, "noise_scale.decay": 0.5})
   setup, batches = _setup_and_batches(config, 1)
-  got, _ = _train(config, batches, setup)
+  got, hist = _train(config, batches, setup)
 
   ref_model = effjax.models.create_model(tiny_config(data_dir).model, setup.spec.num_classes)
   state = setup.state
@@ -122,12 +135,35 @@ def test_accumulation_with_sync_bn_normalizes_each_global_microbatch(data_dir):
     (_, stats_), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads.append(g)
   g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
-  upd, _ = state.tx.update(g, state.opt_state, state.params)
+  tx, _ = effjax.optim.create_optimizer(config, config.num_train_steps)
+  upd, _ = tx.update(g, tx.init(state.params), state.params)
   params = optax.apply_updates(state.params, upd)
-  for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(got["batch_stats"]), jax.tree.leaves(stats_)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert_trees_close(got["params"], params, rtol=1e-4, atol=1e-5)
+  assert_trees_close(got["batch_stats"], stats_, rtol=1e-4, atol=1e-5)
+
+  sq = lambda t: float(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree.leaves(t)))
+  g2, trace = _numpy_noise_scale(np.mean([sq(x) for x in grads]), sq(g), 64, 128)
+  # One update of an EMA with decay 0.5 from 0, bias-corrected: the estimate itself.
+  np.testing.assert_allclose(hist[0]["noise_scale/g2"], g2, rtol=2e-3)
+  np.testing.assert_allclose(hist[0]["noise_scale/trace_sigma"], trace, rtol=2e-3)
+  np.testing.assert_allclose(hist[0]["noise_scale/b_simple"], trace / g2, rtol=4e-3)
+  # Not vacuous: the per-replica small batch (each replica's 8-row microbatch gradient)
+  # gives another tr(Sigma) under sync BN.
+  runner = setup.runner
+  wrong = runner.compile(functools.partial(trainer.make_train_step(config),
+                                           noise_small_batch="replica"))
+  _, m = wrong(setup.state.replace(**runner.replicate(setup.state.items())),
+               runner.shard_batch(batch))
+  wrong_trace = float(runner.to_host(m)["noise_scale/trace_sigma"])
+  assert abs(wrong_trace - trace) > 0.05 * abs(trace), (wrong_trace, trace)
+
+
+def test_noise_scale_with_sync_bn_and_no_microbatches_is_refused(data_dir):
+  config = tiny_config(data_dir, **{"model.norm": "sync_batch", "noise_scale.enabled": True})
+  with pytest.raises(effjax.config.ConfigError, match=(
+      r"noise_scale.enabled with model.norm='sync_batch' needs accum_steps >= 2")):
+    effjax.config.validate(config, 8)
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
@@ -143,7 +179,9 @@ def test_train_step_noise_scale_is_the_estimator_on_its_gradients(data_dir, accu
   state = setup.state
   grad_fn = jax.jit(jax.grad(lambda p, x, y: steps.cross_entropy(
       state.apply_fn({"params": p}, x, train=True), y).mean()))
-  ema = stats.init_noise_scale()
+  tx, _ = effjax.optim.create_optimizer(config, config.num_train_steps)
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  ema_g2 = ema_tr = 0.0
   params = state.params
   for k, batch in enumerate(batches):
     small = []
@@ -151,11 +189,14 @@ def test_train_step_noise_scale_is_the_estimator_on_its_gradients(data_dir, accu
       g = grad_fn(params, batch["input"][rows], batch["label"][rows])
       small.append(float(optax.tree.norm(g, squared=True)))
     big_grad = grad_fn(params, batch["input"], batch["label"])
-    g2, tr = stats.noise_scale_from_norms(np.mean(small),
-                                          float(optax.tree.norm(big_grad, squared=True)),
-                                          128 // (8 * accum_steps), 128)
-    ema = stats.update_noise_scale(ema, g2, tr, 0.5)
-    want = stats.noise_scale_metrics(ema, 0.5)
+    g2, tr = _numpy_noise_scale(np.mean(small),
+                                float(optax.tree.norm(big_grad, squared=True)),
+                                128 // (8 * accum_steps), 128)
+    ema_g2, ema_tr = 0.5 * ema_g2 + 0.5 * g2, 0.5 * ema_tr + 0.5 * tr
+    correction = 1.0 - 0.5 ** (k + 1)  # Adam-style bias correction of the averages.
+    want = {"noise_scale/g2": ema_g2 / correction,
+            "noise_scale/trace_sigma": ema_tr / correction,
+            "noise_scale/b_simple": ema_tr / ema_g2}
     for key, value in want.items():
       np.testing.assert_allclose(hist[k][key], value, rtol=2e-3, err_msg=f"step {k} {key}")
     upd, opt = state.tx.update(big_grad, state.opt_state, params)
@@ -209,20 +250,16 @@ def _final_items(workdir, config):
 def test_adaptive_batch_follows_the_noise_scale_and_resumes_with_the_same_batch(data_dir,
                                                                                 tmp_path):
   """Every logged step: the batch is the one the previous decisions chose from the logged
-  noise scale, the LR is schedule(base step) times the linear rule's factor (capped at
-  0.3), and the batch
-  grows as the noise scale grows. A run stopped after growing and resumed takes the same
+  noise scale, and the batch grows as the noise scale grows (the LR that goes with it is
+  checked against a hand-written loop in test_adaptive_lars_equals_a_loop_that_sets_the_lr). A run stopped after growing and resumed takes the same
   batch sizes and ends bitwise-equal."""
   config = _adaptive_config(data_dir)
   full = effjax.train_and_evaluate(config, str(tmp_path / "a"), verbose=False)
   rows = effjax.metrics.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
-  schedule = trainer.build(config, with_data=False).state.schedule
   m = 1
   for row in rows:
     used = int(row["batch_size"]) // 128
     assert used == min(m, effjax.adaptive.max_multiplier(1, 93 - (row["step"] - used)))
-    np.testing.assert_allclose(row["lr"], min(float(schedule(row["step"] - used)) * used, 0.3),
-                               rtol=1e-6)
     if "adaptive/b_simple" in row:
       m = effjax.adaptive.next_multiplier(m, row["adaptive/b_simple"], 128, 10.0, 512)
   sizes = [r["batch_size"] for r in rows]
@@ -245,5 +282,113 @@ def test_adaptive_batch_follows_the_noise_scale_and_resumes_with_the_same_batch(
   assert [r["batch_size"] for r in after] == [r["batch_size"] for r in rows
                                               if r["step"] > part["final_step"]]
   a, b = _final_items(str(tmp_path / "a"), config), _final_items(str(tmp_path / "b"), config)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  assert_trees_close(a, b, rtol=0, atol=0)
+
+
+def _lars_loop(config, batches, multipliers, lr_inside=True):
+  """A hand-written one-device loop: LARS on the global batch of ``m`` base batches, the
+  LR set inside the optimizer through ``optax.inject_hyperparams`` to
+  ``min(schedule(base_step) * m, cap)``; or (``lr_inside=False``, the old adaptive step)
+  LARS at LR 1 with its output multiplied by that LR."""
+  o = config.optimizer
+  schedule = effjax.optim.warmup_schedule(o.learning_rate, config.num_train_steps,
+                                          config.schedule.warmup_steps, config.schedule.decay)
+  make = lambda learning_rate: effjax.optim.lars(
+      learning_rate, momentum=o.momentum, weight_decay=o.weight_decay,
+      trust_coefficient=o.trust_coefficient)
+  tx = optax.inject_hyperparams(make)(learning_rate=0.0) if lr_inside else make(1.0)
+  model = effjax.models.create_model(config.model, 10)
+  params = trainer.build(config, with_data=False).state.params
+  opt = tx.init(params)
+  grad_fn = jax.jit(jax.grad(lambda p, x, y: steps.cross_entropy(
+      model.apply({"params": p}, x, train=True), y).mean()))
+  base, i = 0, 0
+  for m in multipliers:
+    x = np.concatenate([b["input"] for b in batches[i:i + m]])
+    y = np.concatenate([b["label"] for b in batches[i:i + m]])
+    lr = min(float(schedule(base)) * m, config.adaptive.max_learning_rate)
+    if lr_inside:
+      opt.hyperparams["learning_rate"] = jnp.float32(lr)
+    upd, opt = tx.update(grad_fn(params, x, y), opt, params)
+    if not lr_inside:
+      upd = jax.tree.map(lambda u: u * lr, upd)
+    params = optax.apply_updates(params, upd)
+    base, i = base + m, i + m
+  return params
+
+
+def test_adaptive_lars_equals_a_loop_that_sets_the_lr_inside_the_optimizer(data_dir):
+  """Adaptive batch with LARS over two doublings (1, 1, 2, 2, 4, 4 base batches), with a
+  rising LR (warmup), the linear rule and the cap: equal to a hand-written loop that sets
+  the LR inside LARS, before its momentum. Applying it to LARS's output instead (the old
+  step) rescales the momentum buffer backwards in time and differs."""
+  config = tiny_config(data_dir, batch_schedule="adaptive", **{
+      "optimizer.name": "lars", "optimizer.base_learning_rate": 2.0,
+      "model.norm": "layer", "noise_scale.enabled": True, "num_epochs": 2.0,
+      "schedule.warmup_epochs": 1.0, "adaptive.max_learning_rate": 1.0})
+  multipliers = [1, 1, 2, 2, 4, 4]
+  setup, batches = _setup_and_batches(config, sum(multipliers))
+  runner = setup.runner
+  state = setup.state.replace(**runner.replicate(setup.state.items()))
+  fns, i, lrs = {}, 0, []
+  for m in multipliers:
+    fns.setdefault(m, runner.compile(trainer.make_train_step(config, m)))
+    batch = runner.concat_batches([runner.shard_batch(b) for b in batches[i:i + m]])
+    state, metrics = fns[m](state, batch)
+    lrs.append(float(runner.to_host(metrics)["lr"]))
+    i += m
+  got = jax.device_get(runner.to_host(state.params))
+  assert lrs[-1] == pytest.approx(1.0) and lrs[0] < lrs[2] < lrs[4]  # Warmup, then the cap.
+  ref = _lars_loop(config, batches, multipliers)
+  assert_trees_close(got, ref, rtol=2e-5, atol=1e-6)
+  old = _lars_loop(config, batches, multipliers, lr_inside=False)
+  diff = max(float(np.max(np.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(old), jax.tree.leaves(ref)))
+  assert diff > 1e-3, diff
+
+
+def test_skipped_steps_advance_the_schedule_and_the_logged_lr_is_the_applied_one():
+  """nonfinite='skip' with the adaptive batch: a skipped step still consumes its base
+  batches, so the base step (and the LR schedule) follow the data, and the LR logged is
+  the LR the optimizer applied. Reference: hand-written SGD steps on the finite batches,
+  at the LRs of the base steps they were taken at."""
+  model = effjax.models.create_model(_mlp_model_config(), 3, jnp.float32)
+  schedule = lambda s: 0.01 * (jnp.asarray(s, jnp.float32) + 1.0)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9)
+  runner = effjax.Runner("shard_map")
+  fn = runner.compile(functools.partial(steps.train_step, nonfinite="skip",
+                                        batch_multiplier=2, lr_factor=2.0))
+  rng = np.random.default_rng(0)
+  batches = []
+  for bad in (False, True, False):
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    x[3, 1] = np.nan if bad else x[3, 1]
+    batches.append({"input": x, "label": rng.integers(0, 3, 16).astype(np.int32)})
+  for adaptive in (True, False):
+    host_state = steps.create_train_state(jax.random.key(0), model, tx, schedule, (4,),
+                                          adaptive_batch=adaptive)
+    state = host_state.replace(**runner.replicate(host_state.items()))
+    ref_params, ref_opt = host_state.params, tx.init(host_state.params)
+    for i, batch in enumerate(batches):
+      state, m = fn(state, runner.shard_batch(batch))
+      m, s = runner.to_host(m), jax.device_get(runner.unreplicate(state))
+      want_lr = float(schedule(2 * i)) * 2 if adaptive else float(schedule(i))
+      assert float(m["lr"]) == pytest.approx(want_lr, rel=1e-6), (adaptive, i)
+      if adaptive:
+        assert int(s.batch_size_state.base_step) == 2 * (i + 1)  # Also after the skip.
+      if i != 1:  # Finite: the applied LR is the logged one.
+        assert float(s.opt_state.hyperparams["learning_rate"]) == pytest.approx(want_lr)
+        g = jax.grad(lambda p: steps.cross_entropy(
+            model.apply({"params": p}, batch["input"], train=True), batch["label"]).mean())(
+                ref_params)
+        ref_opt.hyperparams["learning_rate"] = jnp.float32(want_lr)
+        u, ref_opt = tx.update(g, ref_opt, ref_params)
+        ref_params = optax.apply_updates(ref_params, u)
+    assert int(s.skips.total) == 1
+    assert_trees_close(s.params, ref_params, rtol=1e-5, atol=1e-7, err_msg=str(adaptive))
+
+
+def _mlp_model_config():
+  c = effjax.config.base_config().model
+  c.name, c.widths, c.norm = "mlp", (8,), "none"
+  return c

@@ -4,7 +4,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from effjax.models.norms import (BATCH_NORMS, CONVS, NORMS, NormConfig, make_conv,
+from effjax.models.norms import (BATCH_NORMS, CONVS, NORMS, NormConfig, cross_replica_statistics,
+                                 make_conv,
                                  make_norm)
 from effjax.models.resnet import ResNet, resnet18, resnet20, resnet50
 from effjax.models.simple import CNN1D, MLP

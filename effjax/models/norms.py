@@ -13,6 +13,16 @@ from effjax.parallel import DATA_AXIS
 NORMS = ("batch", "sync_batch", "group_batch", "ghost_batch", "layer", "group",
          "batch_channel", "none")
 BATCH_NORMS = ("batch", "sync_batch", "group_batch", "ghost_batch", "batch_channel")
+
+
+def cross_replica_statistics(kind: str, bcn_estimated: bool = True) -> bool:
+  """Whether norm ``kind`` normalizes with statistics that span replicas *and* carry
+  gradient (sync and grouped BN; large-batch BCN). Then a replica's gradient is not the
+  gradient of its own examples' loss (see ``effjax.steps.train_step``'s noise scale).
+  Ghost BN reduces over replicas only for its running averages, and micro-batch BCN
+  stops the gradient through its estimates, so neither counts."""
+  return kind in ("sync_batch", "group_batch") or (kind == "batch_channel" and
+                                                     not bcn_estimated)
 CONVS = ("auto", "standard", "ws", "scaled_ws")
 
 

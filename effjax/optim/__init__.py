@@ -1,8 +1,10 @@
 """Optimizers, batch-size scaling rules and learning-rate schedules."""
 
-from effjax.optim.factory import OPTIMIZERS, WEIGHT_DECAY_MASKS, create_optimizer, decay_mask
+from effjax.optim.factory import (OPTIMIZERS, WEIGHT_DECAY_MASKS, create_optimizer, decay_mask,
+                                  is_lr_injected, set_learning_rate)
 from effjax.optim.scaling import SCALING_RULES, ema_decay_for_batch, scale_learning_rate
 from effjax.optim.schedules import DECAYS, warmup_schedule
-from effjax.optim.transforms import (ScaleByTrustRatioState, clip_by_global_norm, default_mask,
+from effjax.optim.transforms import (ScaleByTrustRatioState, all_mask, clip_by_global_norm,
+                                     default_mask,
                                      lamb, lars, scale_by_trust_ratio, trust_ratio_stats,
                                      trust_ratios, tvlars, tvlars_factor)

@@ -23,15 +23,40 @@ import optax
 MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
 
 
+# Parameter names that the recipes exclude from weight decay although they are matrices:
+# learned position embeddings (big_vision and the ViT/BERT recipes decay kernels only).
+NO_DECAY_NAMES = ("position", "pos_embedding", "position_embedding", "position_embeddings")
+
+
+def _last_name(path) -> str:
+  key = path[-1] if path else None
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def default_mask(params: Any) -> Any:
-  """The recipe default: ``True`` for weights (``ndim > 1``), ``False`` for the rest."""
-  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+  """The recipe default: ``True`` for weights (``ndim > 1``), ``False`` for biases, norm
+  scales and offsets (``ndim <= 1``) and learned position embeddings (a leaf named as in
+  ``NO_DECAY_NAMES``)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.ndim(p) > 1 and _last_name(path) not in NO_DECAY_NAMES, params)
+
+
+def all_mask(params: Any) -> Any:
+  """``True`` for every parameter."""
+  return jax.tree.map(lambda _: True, params)
 
 
 def _resolve_mask(mask: MaskOrFn):
-  """``None`` -> ``default_mask``; ``True`` -> every parameter; else the mask as given."""
+  """Inside effjax one spelling means one thing: ``None`` -> ``default_mask`` (weights
+  only); ``True`` -> ``all_mask``; else the mask (a pytree or a function) as given.
+  (optax's own ``mask=None`` means "all"; effjax never passes ``None`` on to mean that.)"""
   if mask is None:
     return default_mask
+  if mask is True:
+    return all_mask
   return mask
 
 
@@ -125,8 +150,7 @@ def clip_by_global_norm(max_norm: float = 1.0,
 
 
 def _decay(weight_decay, mask: MaskOrFn) -> optax.GradientTransformation:
-  mask = _resolve_mask(mask)
-  return optax.add_decayed_weights(weight_decay, mask=None if mask is True else mask)
+  return optax.add_decayed_weights(weight_decay, mask=_resolve_mask(mask))
 
 
 def _masked(inner: optax.GradientTransformation, mask: MaskOrFn) -> optax.GradientTransformation:
