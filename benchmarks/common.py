@@ -24,7 +24,7 @@ def compiled_step(config, runner=None) -> list:
   setup = trainer.build(config, with_data=False, runner=runner)
   r = setup.runner
   batch = random_batch(r, setup.spec, config.batch_size)
-  fn = r.compile(trainer.make_train_step(config))
+  fn = r.compile(trainer.make_train_step(config), check_replicated=False)
   state = setup.state.replace(**r.replicate(setup.state.items()))
   state, m = fn(state, batch)
   jax.block_until_ready(m)

@@ -8,7 +8,7 @@ one host with 8 devices, or many hosts.
 
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,54 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 PARALLEL_MODES = ("shard_map", "pmap")
+# Set to 1 to check every compiled function's outputs for equality across replicas
+# (``Runner.compile``); the tests run with it on.
+CHECK_REPLICATED_ENV = "EFFJAX_CHECK_REPLICATED"
+
+
+class ReplicationError(AssertionError):
+  """A per-replica function returned an output that differs across replicas."""
+
+
+def replication_flags(tree: Any, axis_name: str = DATA_AXIS) -> jax.Array:
+  """One bool per leaf of ``tree``: whether it is bitwise identical on every replica of
+  ``axis_name`` (NaNs included). Call inside the per-replica function."""
+  def same(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      x = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32,
+                                           8: jnp.uint64}[x.dtype.itemsize])
+    g = jax.lax.all_gather(x, axis_name)
+    return jnp.all(g == g[0])
+  leaves = jax.tree.leaves(tree)
+  return jnp.stack([same(x) for x in leaves]) if leaves else jnp.ones((0,), bool)
+
+
+class _CheckedFn:
+  """A compiled per-replica function whose outputs are checked for equality across
+  replicas after every call (a debug mode: it waits for each call's result).
+
+  With ``check_vma=False`` nothing stops a per-replica function from returning a value
+  it forgot to reduce; ``out_specs=P()`` then silently returns device 0's copy."""
+
+  def __init__(self, compiled: Callable, mode: str):
+    self._compiled, self._mode = compiled, mode
+
+  def lower(self, *args, **kwargs):
+    return self._compiled.lower(*args, **kwargs)
+
+  def __call__(self, *args):
+    out, flags = self._compiled(*args)
+    flags = np.asarray(flags.addressable_shards[0].data).reshape(-1, flags.shape[-1])[0]
+    if not flags.all():
+      paths = [jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_flatten_with_path(out)[0]]
+      bad = [p for p, ok in zip(paths, flags) if not ok]
+      raise ReplicationError(f"outputs differ across replicas (not reduced over "
+                             f"{DATA_AXIS!r}?): {', '.join(bad[:5])}")
+    return out
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
@@ -68,12 +116,30 @@ class Runner:
     self.sharded = NamedSharding(self.mesh, P(DATA_AXIS))
     self._concat: dict[int, Callable] = {}
 
-  def compile(self, fn: Callable, donate_state: bool = True) -> Callable:
+  def compile(self, fn: Callable, donate_state: bool = True,
+              check_replicated: Optional[bool] = None) -> Callable:
     """Compiles ``fn(state, batch) -> outputs`` to run once per replica.
 
     The state is replicated, the batch split along its leading axis, and every output
     must be identical across replicas (reduce it over ``DATA_AXIS``).
+
+    Args:
+      fn: the per-replica function.
+      donate_state: donate the state's buffers to the outputs.
+      check_replicated: after every call, check that each output is identical on all
+        replicas and raise ``ReplicationError`` naming those that are not (one extra
+        all-gather and a wait per call: for tests and debugging). Default: on when the
+        environment sets ``EFFJAX_CHECK_REPLICATED=1``.
     """
+    if check_replicated is None:
+      check_replicated = os.environ.get(CHECK_REPLICATED_ENV, "0") == "1"
+    if check_replicated:
+      inner = fn
+      fn = lambda *args: (lambda out: (out, replication_flags(out)))(inner(*args))
+    compiled = self._compile(fn, donate_state)
+    return _CheckedFn(compiled, self.mode) if check_replicated else compiled
+
+  def _compile(self, fn: Callable, donate_state: bool) -> Callable:
     donate = (0,) if donate_state else ()
     if self.mode == "pmap":
       return jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=donate)

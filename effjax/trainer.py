@@ -514,7 +514,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   batch = {"input": jax.ShapeDtypeStruct((per_device,) + tuple(setup.spec.input_shape),
                                          jnp.float32, sharding=runner.sharded),
            "label": jax.ShapeDtypeStruct((per_device,), jnp.int32, sharding=runner.sharded)}
-  fn = runner.compile(make_train_step(config))
+  fn = runner.compile(make_train_step(config), check_replicated=False)
   compiled = fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -6,6 +6,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every compiled per-replica function checks that its outputs agree across replicas
+# (effjax.parallel.Runner.compile); the CLI tests' subprocesses inherit it.
+os.environ.setdefault("EFFJAX_CHECK_REPLICATED", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

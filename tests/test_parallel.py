@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import effjax
 from effjax import data as data_lib
@@ -109,3 +110,53 @@ def test_eval_covers_partial_last_batch(data_dir, mode):
   np.testing.assert_allclose(result["eval/loss"],
                              steps.cross_entropy(logits, labels).mean(), rtol=1e-5)
   assert result["eval/accuracy"] > 0.5
+
+
+def test_replication_check_names_an_output_left_unreduced():
+  """With check_vma=False nothing stops a per-replica function from returning a value it
+  forgot to reduce (out_specs=P() returns device 0's copy); the debug check, on in the
+  tests, catches it and names the output."""
+  runner = effjax.Runner("shard_map")
+  x = runner.shard_batch({"x": np.arange(16, dtype=np.float32)})
+  forgot = lambda state, b: {"mean": jax.lax.pmean(b["x"].mean(), "data"),
+                             "local": b["x"].mean()}
+  with pytest.raises(effjax.parallel.ReplicationError, match=r"\['local'\]"):
+    runner.compile(forgot, donate_state=False, check_replicated=True)({}, x)
+  unchecked = runner.compile(forgot, donate_state=False, check_replicated=False)({}, x)
+  assert float(runner.to_host(unchecked)["local"]) == 0.5  # Device 0's rows 0 and 1.
+  reduced = lambda state, b: {"mean": jax.lax.pmean(b["x"].mean(), "data")}
+  out = runner.compile(reduced, donate_state=False, check_replicated=True)({}, x)
+  assert float(runner.to_host(out)["mean"]) == 7.5
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_train_step_in_a_users_shard_map_with_either_check_vma(data_dir, check_vma):
+  """effjax.train_step inside a user's own shard_map gives the same state and metrics
+  with check_vma on (the default) or off as effjax's Runner. With check_vma on, autodiff
+  already sums the gradient of a replicated input over the axis, so a step that
+  differentiates the replicated params and then takes the pmean gets n times the
+  gradient (the defect this guards against; shown on the side)."""
+  config = tiny_config(data_dir, **{"model.norm": "sync_batch"})
+  runner = effjax.Runner("shard_map")
+  setup = trainer.build(config, runner=runner)
+  batches = _global_batches(setup, 2)
+  ref_items, ref_hist = _run("shard_map", config, batches)
+
+  mesh = runner.mesh
+  step = jax.jit(jax.shard_map(steps.train_step, mesh=mesh,
+                               in_specs=(P(), P("data")), out_specs=(P(), P()),
+                               check_vma=check_vma))
+  state = setup.state.replace(**runner.replicate(setup.state.items()))
+  for k, b in enumerate(batches):
+    state, m = step(state, runner.shard_batch(b))
+    for key in ("train/loss", "grad_norm", "update_norm", "param_norm"):
+      np.testing.assert_allclose(np.asarray(m[key]), ref_hist[k][key], rtol=1e-5, err_msg=key)
+  assert_trees_close(jax.device_get(state.items()), ref_items, rtol=1e-5, atol=1e-6)
+
+  def naive(w, x):
+    g = jax.grad(lambda w: jnp.mean(x * w))(w)
+    return jax.lax.pmean(g, "data")
+  naive_g = jax.jit(jax.shard_map(naive, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=P(), check_vma=check_vma))(
+      jnp.float32(1.0), runner.shard_batch({"x": np.arange(16, dtype=np.float32)})["x"])
+  assert float(naive_g) == pytest.approx(7.5 * (8 if check_vma else 1))
