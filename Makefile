@@ -23,7 +23,7 @@ demo: install
 	  $(VENV)/bin/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

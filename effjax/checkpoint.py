@@ -11,22 +11,38 @@ save killed before it finished is detected before anything is loaded.
 Old checkpoints are pruned here, not by orbax: only after a newer one has been verified,
 so a valid checkpoint is never deleted while the newer ones are invalid. On restore,
 invalid checkpoints are reported and moved to ``checkpoints.invalid/`` (never deleted),
-and the newest valid one is loaded.
+and the newest valid one is loaded. With several processes, process 0 verifies and
+chooses the step and every process restores that one (``agree``), so a filesystem that
+is not strongly consistent cannot make processes load different steps.
+
+All file access goes through ``etils.epath``, as orbax's does, so the directory may be
+any path orbax accepts (``gs://...`` included); nothing here is POSIX-only.
 """
 
 import dataclasses
-import glob
 import json
 import os
-import shutil
 import threading
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def resolve_path(path: PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``: a URL-style path (``gs://b/run``) is kept as it is; a
+  local one is made absolute. (``os.path.abspath('gs://b/r')`` would give the local
+  ``<cwd>/gs:/b/r``.)"""
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 MANIFEST = "effjax_manifest.json"
 
@@ -42,54 +58,59 @@ class Restored:
   state: Any = None
   data: Optional[dict] = None
   invalid: tuple = ()          # ``(step, problem)`` of the damaged checkpoints skipped.
+  mismatched: tuple = ()       # ``(step, what)`` skipped as not matching (check_shapes=False).
 
 
-def _crc32(path: str) -> int:
+def _crc32(path: epath.Path) -> int:
   crc = 0
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     while chunk := f.read(1 << 22):
       crc = zlib.crc32(chunk, crc)
   return crc
 
 
-def _files(directory: str) -> list[str]:
+def _size(path: epath.Path) -> int:
+  return int(path.stat().length)
+
+
+def _files(directory: PathLike) -> list[str]:
   """The items' files (``state/...``, ``data/...``). Orbax rewrites the step's top-level
   files (``_CHECKPOINT_METADATA``, ``commit_success.txt``) when it commits, after the
   manifest is written, so those are not covered."""
+  directory = epath.Path(directory)
   out = []
-  for root, _, names in os.walk(directory):
+  for root, _, names in directory.walk():
+    root = epath.Path(root)
     if root != directory:
-      out += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+      out += [os.fspath(root.relative_to(directory) / n) for n in names]
   return sorted(out)
 
 
-def write_manifest(step_dir: str) -> None:
-  """Records the size and CRC32 of every file of a finished checkpoint (atomically)."""
-  files = {f: [os.path.getsize(os.path.join(step_dir, f)), _crc32(os.path.join(step_dir, f))]
-           for f in _files(step_dir)}
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as fh:
-    json.dump({"files": files}, fh)
-    fh.flush()
-    os.fsync(fh.fileno())
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+def write_manifest(step_dir: PathLike) -> None:
+  """Records the size and CRC32 of every file of a finished checkpoint (atomically: a
+  temporary file renamed into place)."""
+  step_dir = epath.Path(step_dir)
+  files = {f: [_size(step_dir / f), _crc32(step_dir / f)] for f in _files(step_dir)}
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps({"files": files}), encoding="utf-8")
+  tmp.replace(step_dir / MANIFEST)
 
 
-def verify(step_dir: str, checksums: bool = True) -> Optional[str]:
+def verify(step_dir: PathLike, checksums: bool = True) -> Optional[str]:
   """Returns None if ``step_dir`` matches its manifest, else what is wrong (one line)."""
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
+  step_dir = epath.Path(step_dir)
+  path = step_dir / MANIFEST
+  if not path.exists():
     return "no manifest (the save did not finish)"
   try:
-    with open(path, encoding="utf-8") as fh:
-      files = json.load(fh)["files"]
+    files = json.loads(path.read_text(encoding="utf-8"))["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f"unreadable manifest ({type(e).__name__})"
   for name, (size, crc) in sorted(files.items()):
-    p = os.path.join(step_dir, name)
-    if not os.path.exists(p):
+    p = step_dir / name
+    if not p.exists():
       return f"file {name} is missing"
-    actual = os.path.getsize(p)
+    actual = _size(p)
     if actual != size:
       return f"file {name} has {actual} bytes, {size} were written"
     if checksums and _crc32(p) != crc:
@@ -97,11 +118,11 @@ def verify(step_dir: str, checksums: bool = True) -> Optional[str]:
   return None
 
 
-def _unused(path: str) -> str:
+def _unused(path: epath.Path) -> epath.Path:
   """``path``, or ``path.1``, ``path.2``, ... : the first that does not exist."""
   dest, n = path, 1
-  while os.path.exists(dest):
-    dest, n = f"{path}.{n}", n + 1
+  while dest.exists():
+    dest, n = path.parent / f"{path.name}.{n}", n + 1
   return dest
 
 
@@ -142,21 +163,29 @@ class Checkpointer:
   would have read. Saves are asynchronous; ``wait``/``close`` block until they are on disk.
 
   Args:
-    directory: where the step directories go.
+    directory: where the step directories go: a local path or any path orbax accepts
+      (``gs://...``).
     max_to_keep: how many verified checkpoints to keep.
-    primary: whether this process writes manifests, prunes and moves damaged checkpoints
-      (process 0 on a shared filesystem).
+    primary: whether this process verifies, chooses the step to restore, writes
+      manifests, prunes and moves damaged checkpoints (process 0 on a shared filesystem).
     sync: called with a name where all processes must meet (multi-host); no-op by default.
+    agree: ``agree(value) -> int``, process 0's integer on every process (a collective,
+      e.g. ``multihost_utils.broadcast_one_to_all``); identity by default.
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 3, primary: Optional[bool] = None,
-               sync: Optional[Callable[[str], None]] = None):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: PathLike, max_to_keep: int = 3,
+               primary: Optional[bool] = None, sync: Optional[Callable[[str], None]] = None,
+               agree: Optional[Callable[[int], int]] = None):
+    self.directory = resolve_path(directory)
     self.max_to_keep = max_to_keep
     self.primary = jax.process_index() == 0 if primary is None else primary
     self._sync = sync or (lambda name: None)
+    self._agree = agree or (lambda value: value)
     self._inflight: Optional[int] = None
     self._lock = threading.Lock()
+    # Steps whose full CRC check passed, with their manifest's bytes: pruning re-checks a
+    # step only when its manifest changed, not every kept checkpoint on every save.
+    self._verified: dict[int, bytes] = {}
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -167,15 +196,15 @@ class Checkpointer:
 
   # --- listing and validity -------------------------------------------------------------
 
-  def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
   def all_steps(self) -> list[int]:
     """Step directories present (finished by orbax or not yet verified), ascending."""
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return []
-    return sorted(int(n) for n in os.listdir(self.directory)
-                  if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+    return sorted(int(p.name) for p in self.directory.iterdir()
+                  if p.name.isdigit() and p.is_dir())
 
   def check(self, step: int, checksums: bool = True) -> Optional[str]:
     """None if checkpoint ``step`` is valid, else its problem (see ``verify``)."""
@@ -199,8 +228,8 @@ class Checkpointer:
       step, self._inflight = self._inflight, None
     if step is None or not self.primary:
       return
-    tmp = sorted(glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")),
-                 key=os.path.getmtime)
+    tmp = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"),
+                 key=lambda p: p.stat().mtime)
     try:
       write_manifest(tmp[-1] if tmp else self.step_dir(step))
     except OSError as e:  # Never let bookkeeping kill training; the check will see it.
@@ -214,11 +243,25 @@ class Checkpointer:
     """
     if not self.max_to_keep:
       return
-    verified = [s for s in self.all_steps() if self.check(s, checksums=True) is None]
+    verified = [s for s in self.all_steps() if self._fully_verified(s)]
     for step in verified[:-self.max_to_keep]:
-      doomed = os.path.join(self.directory, f".deleting-{step}")
-      os.replace(self.step_dir(step), doomed)  # Atomic: a kill mid-delete leaves no half step.
-      shutil.rmtree(doomed, ignore_errors=True)
+      doomed = self.directory / f".deleting-{step}"
+      self.step_dir(step).rename(doomed)  # A kill mid-delete leaves no half step.
+      doomed.rmtree(missing_ok=True)
+      self._verified.pop(step, None)
+
+  def _fully_verified(self, step: int) -> bool:
+    """``check(step)`` with CRCs, done once per manifest (cached by its bytes)."""
+    try:
+      manifest = (self.step_dir(step) / MANIFEST).read_bytes()
+    except OSError:
+      return False
+    if self._verified.get(step) == manifest:
+      return True
+    if self.check(step, checksums=True) is not None:
+      return False
+    self._verified[step] = manifest
+    return True
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving ``step`` (asynchronously); the previous save finishes first."""
@@ -250,53 +293,73 @@ class Checkpointer:
 
     Each candidate, newest first, must match its manifest (sizes and CRC32s) and then
     load; one that does not is reported (``logging.warning``) and, once a valid one has
-    loaded or none is left, moved to ``<directory>.invalid/<step>``.
+    loaded or none is left, moved to ``<directory>.invalid/<step>``. Process 0 verifies
+    and chooses; all processes then restore the step it chose.
 
     Args:
       abstract_state: the restore target (``abstract_like``).
-      check_shapes: raise ``CheckpointMismatchError`` when the newest valid checkpoint's
-        arrays differ from the target (before anything is moved).
+      check_shapes: raise ``CheckpointMismatchError`` when the chosen checkpoint's arrays
+        differ from the target (before anything is moved). When False, a checkpoint that
+        does not match is skipped (not loaded, and not quarantined: it is not damaged)
+        and listed in ``Restored.mismatched``.
 
     Returns:
-      A ``Restored``; ``step`` is None when no valid checkpoint exists.
+      A ``Restored``; ``step`` is None when no valid, matching checkpoint exists.
     """
-    invalid = []
+    invalid, mismatched, tried = [], [], set()
     found = Restored(None)
-    for step in reversed(self.all_steps()):
-      problem = self.check(step)
+    while True:
+      step = self._agree(self._newest_valid(tried, invalid) if self.primary else -1)
+      if step < 0:
+        break
+      tried.add(step)
+      try:
+        bad, problem = self.mismatch(step, abstract_state), None
+      except Exception as e:  # pylint: disable=broad-except
+        bad, problem = None, f"unreadable metadata ({type(e).__name__})"
+      if bad and check_shapes:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {os.fspath(self.directory)!r} does not match the "
+            f"config: {bad}; use a new workdir or --config.restore=ignore")
+      if bad:
+        mismatched.append((step, bad))
+        continue
       if problem is None:
         try:
-          bad = self.mismatch(step, abstract_state)
+          state, data = self.restore(step, abstract_state)
+          found = Restored(step, state, data)
+          break
         except Exception as e:  # pylint: disable=broad-except
-          bad, problem = None, f"unreadable metadata ({type(e).__name__})"
-        if bad and check_shapes:
-          raise CheckpointMismatchError(
-              f"checkpoint step {step} in {self.directory!r} does not match the config: "
-              f"{bad}; use a new workdir or --config.restore=ignore")
-        if problem is None:
-          try:
-            state, data = self.restore(step, abstract_state)
-            found = Restored(step, state, data)
-          except Exception as e:  # pylint: disable=broad-except
-            problem = f"does not load ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})"
-      if problem is not None:
-        logging.warning("checkpoint step %d in %s is damaged: %s", step, self.directory, problem)
-        invalid.append((step, problem))
-      if found.step is not None:
-        break
+          problem = f"does not load ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})"
+      logging.warning("checkpoint step %d in %s is damaged: %s", step, self.directory, problem)
+      invalid.append((step, problem))
     self._sync("effjax_checkpoint_checked")
     if invalid and self.primary:
       for step, _ in invalid:
         self._quarantine(step)
     self._sync("effjax_checkpoint_quarantined")
     self.manager.reload()
-    return dataclasses.replace(found, invalid=tuple(invalid))
+    return dataclasses.replace(found, invalid=tuple(invalid), mismatched=tuple(mismatched))
 
-  def _quarantine(self, step: int) -> str:
-    root = self.directory + ".invalid"
-    os.makedirs(root, exist_ok=True)
-    dest = _unused(os.path.join(root, str(step)))
-    os.replace(self.step_dir(step), dest)
+  def _newest_valid(self, tried: set, invalid: list) -> int:
+    """The newest step not yet tried that passes ``check`` (CRCs included), or -1;
+    failing ones are appended to ``invalid`` (``(step, problem)``)."""
+    for step in reversed(self.all_steps()):
+      if step in tried:
+        continue
+      problem = self.check(step)
+      if problem is None:
+        return step
+      tried.add(step)
+      logging.warning("checkpoint step %d in %s is damaged: %s", step, self.directory, problem)
+      invalid.append((step, problem))
+    return -1
+
+  def _quarantine(self, step: int) -> epath.Path:
+    root = self.directory.parent / (self.directory.name + ".invalid")
+    root.mkdir(parents=True, exist_ok=True)
+    dest = _unused(root / str(step))
+    self.step_dir(step).rename(dest)
     return dest
 
   def set_aside(self) -> Optional[str]:
@@ -304,14 +367,14 @@ class Checkpointer:
     if not self.all_steps():
       return None
     self.manager.wait_until_finished()
-    dest = _unused(self.directory + ".replaced")
+    dest = _unused(self.directory.parent / (self.directory.name + ".replaced"))
     if self.primary:
-      os.makedirs(dest)
+      dest.mkdir(parents=True)
       for step in self.all_steps():
-        os.replace(self.step_dir(step), os.path.join(dest, str(step)))
+        self.step_dir(step).rename(dest / str(step))
     self._sync("effjax_checkpoint_set_aside")
     self.manager.reload()
-    return dest
+    return os.fspath(dest)
 
   def wait(self) -> None:
     """Blocks until the last save is on disk, then prunes."""
@@ -326,7 +389,7 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_arrays(step_dir: str) -> tuple[Any, dict]:
+def read_arrays(step_dir: PathLike) -> tuple[Any, dict]:
   """Reads a checkpoint's state as host numpy arrays (no model or mesh needed) and its
   input-pipeline state: for inspecting or comparing checkpoints.
 
@@ -334,14 +397,14 @@ def read_arrays(step_dir: str) -> tuple[Any, dict]:
     ``(state, data)``: the state's pytree as saved (NamedTuples come back as their
     serialized containers) and the ``data`` item's dict.
   """
-  state_dir = os.path.join(step_dir, "state")
+  step_dir = epath.Path(step_dir)
+  state_dir = step_dir / "state"
   meta = ocp.StandardCheckpointer().metadata(state_dir)
   tree = meta.item_metadata.tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   state = ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  with open(os.path.join(step_dir, "data", "metadata"), encoding="utf-8") as f:
-    data = json.load(f)
+  data = json.loads((step_dir / "data" / "metadata").read_text(encoding="utf-8"))
   return state, data
 
 

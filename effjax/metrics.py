@@ -3,6 +3,8 @@
 import json
 import math
 import os
+
+from etils import epath
 import sys
 import time
 from typing import Any, Mapping, Optional
@@ -16,25 +18,39 @@ def _to_float(v: Any) -> float:
 
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` (one JSON object per logged step) and to
-  TensorBoard event files in ``workdir/tensorboard``. Only the primary process writes."""
+  TensorBoard event files in ``workdir/tensorboard``. Only the primary process writes.
 
-  def __init__(self, workdir: str, primary: bool = True, tensorboard: bool = True):
+  ``workdir`` may be any ``etils.epath`` path. Object stores (``gs://``) cannot append, so
+  there the rows are kept and the whole file is rewritten at each write (it is small).
+  """
+
+  def __init__(self, workdir, primary: bool = True, tensorboard: bool = True):
     self.primary = primary
     self._jsonl = None
     self._tb = None
+    self._path = epath.Path(workdir) / "metrics.jsonl"
+    self._remote = "://" in os.fspath(workdir)
+    self._rows: list[str] = []
     if primary:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      if self._remote:
+        self._rows = self._path.read_text().splitlines(True) if self._path.exists() else []
+      else:
+        self._jsonl = open(self._path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.primary:
       return
     row = {"step": int(step)}
     row.update({k: _to_float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    if self._remote:
+      self._rows.append(json.dumps(row) + "\n")
+      self._path.write_text("".join(self._rows), encoding="utf-8")
+    else:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and math.isfinite(v):
@@ -47,10 +63,10 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Reads a ``metrics.jsonl`` file into a list of dicts."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list[dict]:
+  """Reads a ``metrics.jsonl`` file (any ``etils.epath`` path) into a list of dicts."""
+  text = epath.Path(path).read_text(encoding="utf-8")
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _fmt_time(seconds: float) -> str:

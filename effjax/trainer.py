@@ -11,11 +11,12 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
+import uuid
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,16 +55,22 @@ def prepare_workdir(workdir: str) -> str:
   """Checks that ``workdir`` is (or can be made) a writable directory, and creates it.
 
   Writes and removes a probe file, so read-only filesystems and permissions (also for
-  root) are caught before anything else is written.
+  root) are caught before anything else is written. ``workdir`` may be any path
+  ``etils.epath`` (and so orbax) accepts: a local one is made absolute, a URL-style one
+  (``gs://bucket/run``) is kept as it is, never turned into a local directory.
+
+  Returns:
+    The workdir as a string (``gs://...`` or an absolute local path).
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  path = ckpt_lib.resolve_path(workdir)
+  workdir = os.fspath(path)
+  if path.exists() and not path.is_dir():
     raise config_lib.ConfigError(f"workdir {workdir!r} is a file; it must be a directory")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".effjax-write-probe-", dir=workdir)
-    os.close(fd)
-    os.remove(probe)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".effjax-write-probe-{os.getpid()}-{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
   except OSError as e:
     raise config_lib.ConfigError(f"workdir {workdir!r} is not writable "
                                  f"({e.strerror or type(e).__name__})") from None
@@ -127,10 +134,15 @@ def preprocess_fns(config, spec: data_lib.DatasetSpec):
           data_lib.make_preprocess_fn(spec.kind, train=False, **kw))
 
 
-def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Setup:
-  """Validates ``config`` and builds the runner, data sources, model and initial state."""
+def build(config, with_data: bool = True, runner: Optional[Runner] = None,
+          num_devices: Optional[int] = None) -> Setup:
+  """Validates ``config`` and builds the runner, data sources, model and initial state.
+
+  ``num_devices`` is the device count to validate and size for (default: the runner's);
+  ``dry_run`` sizes a pod config while compiling for one device."""
   runner = runner or Runner(config.parallel)
-  config_lib.validate(config, runner.num_devices)
+  num_devices = num_devices or runner.num_devices
+  config_lib.validate(config, num_devices)
   if with_data:
     spec, train, evals = load_data(config, runner)
   else:
@@ -139,7 +151,7 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None) -> Se
   adaptive = config.batch_schedule == "adaptive"
   tx, schedule = optim.create_optimizer(config, config.num_train_steps, inject_lr=True)
   noise_scale = config.noise_scale.enabled
-  if noise_scale and runner.num_devices == 1 and config.accum_steps == 1:
+  if noise_scale and num_devices == 1 and config.accum_steps == 1:
     logging.warning("noise_scale.enabled is ignored: estimating it needs two batch sizes, "
                     "i.e. more than one device or accum_steps > 1")
     noise_scale = False
@@ -229,6 +241,14 @@ def _agree(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
+def _agree_int(value: int) -> int:
+  """Process 0's integer on every process (a collective; call on all at once)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def _mean_of_finite(values) -> float:
   """The mean of the non-NaN values (under nonfinite='skip' a skipped step's loss is NaN),
   or NaN if there are none."""
@@ -239,11 +259,10 @@ def _mean_of_finite(values) -> float:
 def _truncate_metrics(workdir: str, step: int) -> None:
   """Drops ``metrics.jsonl`` rows past ``step`` (logged by a run killed after its last
   checkpoint; the resumed run logs those steps again)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
+  lines = path.read_text(encoding="utf-8").splitlines(True)
   keep = []
   for line in lines:
     try:
@@ -252,16 +271,37 @@ def _truncate_metrics(workdir: str, step: int) -> None:
     except (ValueError, KeyError):  # A line cut short by the kill.
       pass
   if len(keep) != len(lines):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    _write_atomic(path, "".join(keep))
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  tmp.replace(path)
+
+
+def _config_json(config) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
 def _save_config(workdir: str, config) -> None:
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  _write_atomic(epath.Path(workdir) / "config.json", _config_json(config))
+
+
+def _finished_target_run(workdir: str, config) -> Optional[dict]:
+  """The summary of a run in ``workdir`` that already stopped at its target, when this
+  config is the same one (``restore='auto'``); else None and the run proceeds, through
+  the usual checks (a config that does not match the checkpoints is an error, and
+  ``restore='ignore'`` starts afresh)."""
+  summary_path = epath.Path(workdir) / "summary.json"
+  config_path = epath.Path(workdir) / "config.json"
+  if not (config.target.accuracy and config.restore == "auto" and summary_path.exists()
+          and config_path.exists()):
+    return None
+  if config_path.read_text(encoding="utf-8") != _config_json(config):
+    return None
+  done = json.loads(summary_path.read_text(encoding="utf-8"))
+  return done if done.get("target_step") is not None else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -293,18 +333,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   runner = Runner(config.parallel)
   config_lib.validate(config, runner.num_devices)
   workdir = prepare_workdir(workdir)
-  summary_path = os.path.join(workdir, "summary.json")
-  if config.target.accuracy and os.path.exists(summary_path):
-    with open(summary_path, encoding="utf-8") as f:
-      done = json.load(f)
-    if done.get("target_step") is not None:  # Stopped at its target: nothing left to do.
-      return done
+  done = _finished_target_run(workdir, config)
+  if done is not None:  # Stopped at its target with this very config: nothing left to do.
+    return done
   setup = build(config, runner=runner)
   primary = jax.process_index() == 0
   total = config.num_train_steps
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.max_to_keep, sync=_sync)
+  checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints",
+                                       config.checkpoint.max_to_keep, sync=_sync,
+                                       agree=_agree_int)
   host_items = setup.state.items()
   data_state = None
   try:
@@ -485,12 +523,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "num_processes": jax.process_count(),
   }
   if primary:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2),
+                                                      encoding="utf-8")
     progress.message(
         f"done: step {step}, eval accuracy {summary['eval/accuracy']:.4f}, eval loss "
         f"{summary['eval/loss']:.4f}, wall time {summary['wall_time_sec']:.1f}s")
   return summary
+
+
+def _sizing_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config ``dry_run`` compiles on one device, once the real one has validated for
+  N: grouped BN as sync BN (same memory; groups need N replicas), the adaptive batch at its
+  first (base) size, and the noise scale only where one device has two batch sizes
+  (microbatches). None of these changes the parameter, optimizer or activation sizes."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if c.model.norm == "group_batch":
+    c.model.norm = "sync_batch"
+  c.batch_schedule = "fixed"
+  c.noise_scale.enabled = c.noise_scale.enabled and c.accum_steps > 1
+  return c
 
 
 def dry_run(config: ml_collections.ConfigDict) -> dict:
@@ -507,8 +558,9 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   """
   n = int(config.dry_run_devices) or len(jax.devices())
   config_lib.validate(config, n)
+  config = _sizing_config(config)
   runner = Runner("shard_map", make_mesh(jax.devices()[:1]))
-  setup = build(config, with_data=False, runner=runner)
+  setup = build(config, with_data=False, runner=runner, num_devices=n)
   per_device = config.batch_size // n
   state = setup.state.replace(**runner.replicate(setup.state.items()))
   batch = {"input": jax.ShapeDtypeStruct((per_device,) + tuple(setup.spec.input_shape),

@@ -27,7 +27,7 @@ import effjax
 from effjax import checkpoint as ckpt_lib
 from effjax import steps as steps_lib
 from effjax.metrics import read_jsonl
-from tests.helpers import REPO, run_cli, snapshot, tiny_config
+from tests.helpers import REPO, assert_trees_close, run_cli, snapshot, tiny_config
 
 SEED = int(os.environ.get("EFFJAX_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
 RNG = random.Random(SEED)
@@ -375,12 +375,10 @@ def test_skip_drops_nonfinite_updates_counts_them_and_stops_after_n(data_dir):
     after = host(s.items())
     if i < 6 and not bad:
       ref, _ = plain(ref, runner.shard_batch(batch))
-      for x, y in zip(jax.tree.leaves(host(ref.params)), jax.tree.leaves(after["params"])):
-        np.testing.assert_array_equal(x, y)
+      assert_trees_close(host(ref.params), after["params"], rtol=0, atol=0)
     if bad or i >= 6:
-      for x, y in zip(jax.tree.leaves((before["params"], before["opt_state"])),
-                      jax.tree.leaves((after["params"], after["opt_state"]))):
-        np.testing.assert_array_equal(x, y)
+      assert_trees_close((before["params"], before["opt_state"]),
+                         (after["params"], after["opt_state"]), rtol=0, atol=0)
     assert int(after["step"]) == i + 1
     assert int(after["skips"].total) == sum(nan[:i + 1])
     assert float(host(metrics)["nonfinite/skipped"]) == sum(nan[:i + 1])

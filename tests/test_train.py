@@ -6,12 +6,13 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import effjax
 from effjax import checkpoint as ckpt_lib
 from effjax.metrics import read_jsonl
-from tests.helpers import tiny_config
+from tests.helpers import assert_trees_close, tiny_config
 
 
 def _final_params(workdir, config):
@@ -58,8 +59,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
   a, a_data = _final_params(str(tmp_path / "a"), config)
   b, b_data = _final_params(str(tmp_path / "b"), config)
   assert a_data == b_data
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)  # Bitwise on CPU.
+  assert_trees_close(a, b, rtol=0, atol=0)  # Bitwise on CPU.
   assert resumed["eval/accuracy"] == full["eval/accuracy"]
   assert resumed["eval_ema/accuracy"] == full["eval_ema/accuracy"]
   assert len(jax.tree.leaves(a["ema_params"])) == len(jax.tree.leaves(a["params"]))
@@ -100,20 +100,65 @@ def test_layerwise_optimizers_train_and_log_trust_ratios(data_dir, tmp_path, nam
 
 
 def test_parameter_ema_follows_its_recurrence_with_the_scaled_decay(data_dir):
+  """The EMA of the parameters, with the decay scaled to the batch ("How to Scale Your
+  EMA"), against a hand-written one-device loop: optax's update on the global batch and
+  the EMA recurrence over those parameters (LayerNorm, so one device holding the global
+  batch computes what the 8 replicas do)."""
   config = tiny_config(data_dir, batch_size=1024, **{"ema.enabled": True, "ema.decay": 0.9,
-                                                     "ema.base_batch_size": 256})
-  assert config.ema.scaled_decay == pytest.approx(0.9 ** 4)  # "How to Scale Your EMA".
+                                                     "ema.base_batch_size": 256,
+                                                     "model.norm": "layer"})
+  assert config.ema.scaled_decay == pytest.approx(0.9 ** 4)
   setup = effjax.trainer.build(config)
   runner = setup.runner
   state = setup.state.replace(**runner.replicate(setup.state.items()))
   fn = runner.compile(functools.partial(effjax.train_step, ema_decay=config.ema.scaled_decay))
   pre, _ = effjax.trainer.preprocess_fns(config, setup.spec)
   it = iter(effjax.data.train_dataset(setup.train_source, pre, global_batch_size=1024, seed=0))
-  d = config.ema.scaled_decay
-  expected = jax.device_get(setup.state.params)
+  d = 0.9 ** 4
+  tx, _ = effjax.optim.create_optimizer(config, config.num_train_steps)
+  params = jax.device_get(setup.state.params)
+  opt, ema = tx.init(params), params
+  grad = jax.jit(jax.grad(lambda p, x, y: effjax.steps.cross_entropy(
+      setup.model.apply({"params": p}, x, train=True), y).mean()))
   for _ in range(3):
-    state, _ = fn(state, runner.shard_batch(next(it)))
-    params = jax.device_get(runner.to_host(state.params))
-    expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expected, params)
-  for x, y in zip(jax.tree.leaves(runner.to_host(state.ema_params)), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    batch = next(it)
+    state, _ = fn(state, runner.shard_batch(batch))
+    u, opt = tx.update(grad(params, batch["input"], batch["label"]), opt, params)
+    params = optax.apply_updates(params, u)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+  assert_trees_close(runner.to_host(state.params), params, rtol=1e-5, atol=1e-6)
+  assert_trees_close(runner.to_host(state.ema_params), ema, rtol=1e-5, atol=1e-6)
+  # The decay matters: the unscaled 0.9 gives another average.
+  assert not np.allclose(jax.tree.leaves(runner.to_host(state.ema_params))[0],
+                         jax.tree.leaves(params)[0], rtol=1e-3)
+
+@pytest.mark.parametrize("overrides", [
+    {"model.norm": "group_batch", "model.bn_group_size": 4},
+    {"batch_schedule": "adaptive", "noise_scale.enabled": True},
+    {"model.norm": "sync_batch", "noise_scale.enabled": True, "accum_steps": 2}])
+def test_dry_run_sizes_grouped_and_adaptive_configs_for_n_devices(data_dir, overrides):
+  """--dry_run validates and sizes for dry_run_devices, not for the one device it
+  compiles on (a group of 4 replicas or the noise scale's two batch sizes need N)."""
+  config = tiny_config(data_dir, dry_run_devices=8, **overrides)
+  out = effjax.trainer.dry_run(config)
+  assert out["num_devices"] == 8 and out["per_device_batch"] == 16
+  assert out["memory_per_device_bytes"] > 0 and out["flops_per_step"] > 0
+
+
+def test_a_finished_target_run_does_not_hide_later_requests(data_dir, tmp_path):
+  """A run that stopped at its target returns its summary again for the same config only:
+  restore='ignore' starts afresh, and a config whose model differs is refused by the
+  checkpoint check, not answered with the old summary."""
+  config = tiny_config(data_dir, **{"target.accuracy": 0.3, "target.first_eval_step": 2})
+  first = effjax.train_and_evaluate(config, str(tmp_path), verbose=False)
+  assert first["target_step"] is not None
+  assert effjax.train_and_evaluate(config, str(tmp_path), verbose=False) == first
+  again = tiny_config(data_dir, restore="ignore", **{"target.accuracy": 0.3,
+                                                      "target.first_eval_step": 2})
+  fresh = effjax.train_and_evaluate(again, str(tmp_path), verbose=False)
+  assert fresh["wall_time_sec"] != first["wall_time_sec"]
+  assert (tmp_path / "checkpoints.replaced").is_dir()
+  wider = tiny_config(data_dir, **{"target.accuracy": 0.3, "target.first_eval_step": 2,
+                                   "model.widths": (16, 48)})
+  with pytest.raises(effjax.config.ConfigError, match="does not match the config"):
+    effjax.train_and_evaluate(wider, str(tmp_path), verbose=False)

@@ -12,6 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from effjax import models, optim
 
+from tests.helpers import assert_trees_close
+
 
 @functools.lru_cache(maxsize=None)
 def _resnet_tree():
@@ -47,8 +49,7 @@ def _run(tx, params, steps):
 
 
 def _assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+  assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_lars_all_masks_true_equals_optax_over_50_steps():
@@ -232,9 +233,8 @@ def test_sharded_params_under_shard_map_with_axis_name(name):
   _assert_trees_close(fsdp(make("data"))(put(params), put(grads)), ref, rtol=1e-6, atol=1e-7)
   # Without the axis each shard uses its own norms: the optax behaviour the issue measured.
   wrong = fsdp(make(None))(put(params), put(grads))
-  diffs = [float(jnp.abs(a - b).max() / jnp.abs(b - p).max())
-           for a, b, p in zip(jax.tree.leaves(wrong), jax.tree.leaves(ref),
-                              jax.tree.leaves(params))]
+  diffs = jax.tree.leaves(jax.tree.map(
+      lambda a, b, p: float(jnp.abs(a - b).max() / jnp.abs(b - p).max()), wrong, ref, params))
   assert max(diffs) > 0.05
 
 
