@@ -1,4 +1,6 @@
-"""2 processes x 4 CPU devices (gloo) train exactly like 1 process x 8 devices."""
+"""2 processes x 4 CPU devices (gloo) train exactly like 1 process x 8 devices, random
+augmentation included: every row's draws come from (seed, its global stream position),
+so the 2 processes' global batches are the 1-process run's."""
 
 import os
 import socket
@@ -11,7 +13,8 @@ from effjax.metrics import read_jsonl
 from tests.helpers import REPO, run_cli
 
 ARGS = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=1",
-        "--config.log_every=4", "--config.model.widths=(16,32)", "--config.model.norm=sync_batch"]
+        "--config.log_every=4", "--config.model.widths=(16,32)", "--config.model.norm=sync_batch",
+        "--config.input.augment=shift_noise"]
 
 
 def _free_port():
@@ -43,7 +46,7 @@ def test_two_hosts_match_one_host(data_dir, tmp_path):
   a = read_jsonl(str(single / "metrics.jsonl"))
   b = read_jsonl(str(multi / "metrics.jsonl"))
   assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 7
-  # Same batches and same maths; only the order of float additions in the all-reduce
+  # Same (augmented) batches and same maths; only the order of float additions in the all-reduce
   # differs (gloo across processes vs. in-process), a 1e-7 difference that later steps
   # amplify. The first logged point must agree to float precision, the loss curve to
   # 0.2%, and the (noisier) gradient norm to 1%.
