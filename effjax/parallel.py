@@ -49,8 +49,8 @@ class _CheckedFn:
   With ``check_vma=False`` nothing stops a per-replica function from returning a value
   it forgot to reduce; ``out_specs=P()`` then silently returns device 0's copy."""
 
-  def __init__(self, compiled: Callable, mode: str):
-    self._compiled, self._mode = compiled, mode
+  def __init__(self, compiled: Callable):
+    self._compiled = compiled
 
   def lower(self, *args, **kwargs):
     return self._compiled.lower(*args, **kwargs)
@@ -137,7 +137,7 @@ class Runner:
       inner = fn
       fn = lambda *args: (lambda out: (out, replication_flags(out)))(inner(*args))
     compiled = self._compile(fn, donate_state)
-    return _CheckedFn(compiled, self.mode) if check_replicated else compiled
+    return _CheckedFn(compiled) if check_replicated else compiled
 
   def _compile(self, fn: Callable, donate_state: bool) -> Callable:
     donate = (0,) if donate_state else ()

@@ -174,12 +174,11 @@ def _grads(state: TrainState, batch: dict, label_smoothing: float, accum_steps: 
   b = batch["label"].shape[0]
   k = accum_steps
   per_micro = small_batch == "microbatch"
-  sq = (lambda g: global_sq_norm(jax.lax.pmean(g, DATA_AXIS)) if per_micro
-        else global_sq_norm(g))
   if k == 1 and not per_micro:
     loss, accuracy, stats, grads = _loss_and_grads(state, params, stats0, batch,
                                                    label_smoothing)
-    return grads, stats, loss, accuracy, sq(grads) if small_batch else None, False
+    return (grads, stats, loss, accuracy, global_sq_norm(grads) if small_batch else None,
+            False)
   micro = jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), batch)
 
   def body(carry, mb):

@@ -233,20 +233,17 @@ def _raise_if_nonfinite(runner: Runner, state, config) -> None:
     raise NonFiniteError(bad, config.max_consecutive_skips if config.nonfinite == "skip" else 0)
 
 
-def _agree(flag: bool) -> bool:
-  """Process 0's ``flag`` on every process (a collective; call at the same step on all)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
 def _agree_int(value: int) -> int:
   """Process 0's integer on every process (a collective; call on all at once)."""
   if jax.process_count() == 1:
     return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _agree(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process (a collective; call at the same step on all)."""
+  return bool(_agree_int(int(flag)))
 
 
 def _mean_of_finite(values) -> float:
