@@ -24,13 +24,14 @@ import jax.numpy as jnp
 
 from effjax.optim.scaling import scale_learning_rate
 
-BATCH_SCHEDULES = ("fixed", "adaptive")
+BATCH_SCHEDULES = ("fixed", "adaptive", "warmup")
 GROW_MODES = ("accumulate", "batch")
 
 
 class BatchSizeState(NamedTuple):
-  """Part of the train state under ``batch_schedule='adaptive'`` (so a resume restores
-  it): base batches consumed so far, and the multiplier of the latest step."""
+  """Part of the train state under ``batch_schedule='adaptive'`` or ``'warmup'`` (so a
+  resume restores it): base batches consumed so far, and the multiplier of the latest
+  step."""
   base_step: jax.Array
   multiplier: jax.Array
 
@@ -78,3 +79,37 @@ def next_multiplier(current: int, b_simple: float, base_batch: int, multiple: fl
 def lr_factor(multiplier: int, scaling_rule: str) -> float:
   """How much the LR grows for a batch ``multiplier`` times the base (linear/sqrt rule)."""
   return scale_learning_rate(1.0, multiplier, 1, scaling_rule)
+
+
+def warmup_multiplier(base_step: int, base_batch: int, final_batch: int,
+                      warmup_examples: int) -> int:
+  """Batch-size warmup: the multiplier after ``base_step`` base batches.
+
+  The global batch doubles from ``base_batch`` up to ``final_batch`` (a power of two
+  times it) in equal spans of examples (or tokens, at a fixed number per example) over
+  the first ``warmup_examples``, and then stays there. It depends only on the data
+  consumed, which the checkpoint holds, so a resumed run continues with the batch it
+  had, and the LR (the scaling rule's factor, see ``lr_factor``) and the EMA's momentum
+  follow it. GPT-3 ramps linearly; here the batch doubles, because a step trains on a
+  whole number of the pipeline's base batches (powers of two, as the adaptive batch).
+
+  Args:
+    base_step: base batches consumed so far.
+    base_batch: the pipeline's global batch (the first stage's batch).
+    final_batch: the batch after the warmup.
+    warmup_examples: examples over which the batch ramps up (0: no warmup).
+
+  Returns:
+    A power of two m; the next step trains on ``m * base_batch`` examples.
+
+  References:
+    Brown et al. 2020, arXiv:2005.14165 (GPT-3's batch ramp in tokens); Hu et al. 2024,
+    arXiv:2404.06395 (MiniCPM).
+  """
+  top = max_multiplier(base_batch, final_batch)
+  doublings = top.bit_length() - 1
+  if doublings == 0 or warmup_examples <= 0:
+    return top
+  span = warmup_examples / doublings
+  stage = int(base_step * base_batch // span)
+  return min(2 ** stage, top)

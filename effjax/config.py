@@ -20,6 +20,7 @@ from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
                           ema_decay_for_batch, scale_learning_rate)
 from effjax.parallel import PARALLEL_MODES
 from effjax.steps import NONFINITE_MODES
+from effjax.tasks import TASKS
 
 RESTORE_MODES = ("auto", "ignore")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
@@ -34,7 +35,8 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults. Experiment configs modify a copy of it."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.task = "classification"  # Or 'lm': next-token prediction on packed text.
+  c.seed = 0                 # Parameters, data order, augmentation and dropout.
   c.batch_size = 128          # The global batch, over all devices and processes.
   c.accum_steps = 1           # Microbatches per step (gradient accumulation).
   c.accum_loop = "auto"       # 'scan' (lax.scan), 'unroll', or 'auto': unroll on CPU only.
@@ -56,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ""     # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.dataset.num_examples = 5000  # mnist1d only: examples generated in all (80/20 split).
   c.dataset.num_train_examples = 4000  # Must match the train split; drives step counts.
+  # Text: the sequences of one "epoch" of the schedule (the budget; the stream wraps).
+  c.dataset.seq_len = 0       # Text only: tokens per packed sequence.
   c.dataset.train_split = ""  # '' means the dataset's default.
   c.dataset.eval_split = ""
 
@@ -79,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.kernel_size = 5
   c.model.num_layers = 2   # transformer only.
   c.model.num_heads = 4    # transformer only.
+  c.model.dropout = 0.0           # decoder_lm: attention and residual dropout.
+  c.model.tie_embeddings = True   # decoder_lm: output projection = token embedding.
+  c.model.scan_layers = False     # decoder_lm: blocks under one nn.scan (stacked params).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "momentum"
@@ -117,7 +124,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema.decay = 0.999          # Momentum tuned at ema.base_batch_size.
   c.ema.base_batch_size = 256  # ema.scaled_decay = decay ** (batch_size / base_batch_size).
 
-  c.batch_schedule = "fixed"    # Or 'adaptive': grow the batch with the noise scale.
+  c.batch_schedule = "fixed"    # 'adaptive': grow the batch with the noise scale;
+                                # 'warmup': ramp it up over batch_warmup.tokens.
+  c.batch_warmup = ml_collections.ConfigDict()
+  c.batch_warmup.final_batch_size = 0  # The batch after the ramp (power-of-2 x batch_size).
+  c.batch_warmup.tokens = 0            # Tokens (examples x seq_len; else examples) of ramp.
   c.adaptive = ml_collections.ConfigDict()
   c.adaptive.multiple = 1.0      # Target global batch = multiple * B_simple ...
   c.adaptive.max_batch_size = 0  # ... up to this (0: 16 * batch_size); powers of 2 of batch_size.
@@ -125,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adaptive.max_learning_rate = 0.0  # Cap on the rescaled LR (0: none).
 
   c.target = ml_collections.ConfigDict()
+  c.target.loss = 0.0          # > 0: stop once the eval loss is at most this, or
   c.target.accuracy = 0.0      # > 0: stop once the eval accuracy reaches it (steps-to-target),
   c.target.first_eval_step = 8  # evaluating also at steps first_eval_step * eval_growth^k.
   c.target.eval_growth = 1.1
@@ -212,6 +224,23 @@ def _flat_keys(c, prefix=""):
       yield prefix + k
 
 
+def _check_task(c) -> None:
+  """The task, the dataset's kind and the model must fit together."""
+  text = SPECS[c.dataset.name].kind == "text"
+  lm_model = c.model.name == "decoder_lm"
+  if c.task == "lm" and not (text and lm_model):
+    raise ConfigError(f"task='lm' needs a text dataset and model.name='decoder_lm' (got "
+                      f"dataset.name={c.dataset.name!r}, model.name={c.model.name!r})")
+  if c.task == "classification" and (text or lm_model):
+    raise ConfigError(f"task='classification' cannot use dataset.name={c.dataset.name!r} / "
+                      f"model.name={c.model.name!r}; use task='lm'")
+  if text and not (isinstance(c.dataset.seq_len, int) and c.dataset.seq_len > 0):
+    raise ConfigError(f"dataset.seq_len={c.dataset.seq_len!r} must be a positive integer "
+                      f"for the text dataset {c.dataset.name!r}")
+  if not 0.0 <= c.model.dropout < 1.0:
+    raise ConfigError(f"model.dropout={c.model.dropout!r} must be in [0, 1)")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks every value before anything expensive or destructive happens.
 
@@ -229,8 +258,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   # Values that derived fields divide by come first, so that they fail with their own name.
   _check_positive("batch_size", c.batch_size, integer=True)
   _check_positive("optimizer.base_batch_size", c.optimizer.base_batch_size)
+  _check_choice("task", c.task, TASKS)
   _check_choice("dataset.name", c.dataset.name, SPECS)
   _check_choice("model.name", c.model.name, MODELS)
+  _check_task(c)
   _check_choice("model.norm", c.model.norm, NORMS)
   _check_choice("model.conv", c.model.conv, CONVS)
   for name in ("model.norm_groups", "model.bn_group_size", "model.virtual_batch_size"):
@@ -274,6 +305,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _check_positive("sweep.workers", c.sweep.workers, integer=True)
   if not 0.0 <= c.target.accuracy <= 1.0:
     raise ConfigError(f"target.accuracy={c.target.accuracy!r} must be in [0, 1] (0: off)")
+  if c.target.loss < 0 or (c.target.loss and c.target.accuracy):
+    raise ConfigError(f"target.loss={c.target.loss!r} must be >= 0 (0: off), and not set "
+                      f"together with target.accuracy={c.target.accuracy!r}")
   _check_positive("target.first_eval_step", c.target.first_eval_step, integer=True)
   if not c.target.eval_growth > 1.0:
     raise ConfigError(f"target.eval_growth={c.target.eval_growth!r} must be > 1")
@@ -294,6 +328,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.adaptive.max_learning_rate < 0:
     raise ConfigError(f"adaptive.max_learning_rate={c.adaptive.max_learning_rate!r} must be "
                       ">= 0 (0: no cap)")
+  if c.batch_schedule == "warmup":
+    final = c.batch_warmup.final_batch_size
+    m = final // c.batch_size if final else 0
+    if not (final and final % c.batch_size == 0 and m & (m - 1) == 0):
+      raise ConfigError(f"batch_warmup.final_batch_size={final!r} must be a power of 2 times "
+                        f"batch_size={c.batch_size} under batch_schedule='warmup'")
+    if c.batch_warmup.tokens < 0:
+      raise ConfigError(f"batch_warmup.tokens={c.batch_warmup.tokens!r} must be >= 0")
   if c.batch_schedule == "adaptive" and not c.noise_scale.enabled:
     raise ConfigError("batch_schedule='adaptive' follows the noise scale; set "
                       "noise_scale.enabled=True")

@@ -18,6 +18,9 @@ from effjax import stats as stats_lib
 from effjax.optim.factory import is_lr_injected, set_learning_rate
 from effjax.optim.transforms import trust_ratio_stats
 from effjax.parallel import DATA_AXIS, global_norm, global_sq_norm
+from effjax import tasks as task_lib
+from effjax.tasks import CLASSIFICATION, Task
+from effjax.tasks.classification import cross_entropy  # Re-exported (effjax.cross_entropy).
 
 # The fields of a TrainState that are data (and go into checkpoints).
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "nonfinite_step", "skips",
@@ -78,13 +81,14 @@ class TrainState(struct.PyTreeNode):
 
 def create_train_state(rng: jax.Array, model: flax.linen.Module, tx, schedule,
                        input_shape: tuple[int, ...], ema: bool = False,
-                       noise_scale: bool = False, adaptive_batch: bool = False) -> TrainState:
-  """Initialises parameters (with a batch of one), the optimizer state, if ``ema`` the
-  parameter EMA (starting at the initial parameters), and if ``noise_scale`` the
-  noise-scale averages, and if ``adaptive_batch`` the batch-size state (build ``tx`` with
-  ``create_optimizer(..., inject_lr=True)`` then), on the host."""
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + tuple(input_shape)),
-                                           train=False))(rng)
+                       noise_scale: bool = False, adaptive_batch: bool = False,
+                       task: Task = CLASSIFICATION) -> TrainState:
+  """Initialises parameters (``task.init_variables`` on a batch of one example of
+  ``input_shape``), the optimizer state, if ``ema`` the parameter EMA (starting at the
+  initial parameters), and if ``noise_scale`` the noise-scale averages, and if
+  ``adaptive_batch`` the batch-size state, for the adaptive batch or a batch-size warmup
+  (build ``tx`` with ``create_optimizer(..., inject_lr=True)`` then), on the host."""
+  variables = jax.jit(lambda r: task.init_variables(model, r, tuple(input_shape)))(rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -95,15 +99,6 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module, tx, schedule,
                     batch_size_state=(adaptive_lib.init_batch_size_state() if adaptive_batch
                                       else {}),
                     apply_fn=model.apply, tx=tx, schedule=schedule)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
-  """Per-example softmax cross-entropy with optional label smoothing, in float32."""
-  n = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, n)
-  if label_smoothing:
-    targets = targets * (1.0 - label_smoothing) + label_smoothing / n
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def _varying_axes(x) -> frozenset:
@@ -134,69 +129,89 @@ def as_per_replica(tree: Any, batch: dict) -> Any:
   return jax.tree.map(cast, tree)
 
 
-def _loss_and_grads(state: TrainState, params, batch_stats, batch: dict,
-                    label_smoothing: float):
-  """Loss, correct-prediction count, new BN statistics and gradients on one batch."""
-  def loss_fn(p):
-    variables = {"params": p}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    # Every collection but the parameters may change (not just batch_stats); the state
-    # keeps batch_stats, and a model that writes another collection is refused below.
-    logits, new_vars = state.apply_fn(variables, batch["input"], train=True,
-                                      mutable=flax.core.DenyList("params"))
-    extra = sorted(set(new_vars) - {"batch_stats"})
-    if extra:
-      raise ValueError(f"the model writes collections {extra} that the TrainState does not "
-                       "keep (it keeps params and batch_stats)")
-    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-    return loss, (logits, new_vars.get("batch_stats", {}))
+def dropout_rng(seed: int, step: jax.Array, microbatch: int | jax.Array) -> jax.Array:
+  """The dropout key of one microbatch on this replica: ``(seed, step, replica,
+  microbatch)`` folded in, so a resumed run replays the same masks, and no two replicas
+  or microbatches share one."""
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+  return jax.random.fold_in(key, microbatch)
 
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  return loss, accuracy, new_stats, grads
+
+def _loss_and_grads(task: Task, state: TrainState, params, batch_stats, batch: dict, rng):
+  """The task's ``LossOutput`` on one (micro)batch, and the gradient of its loss *sum*."""
+  model_state = {"batch_stats": batch_stats} if batch_stats else {}
+
+  def loss_fn(p):
+    out = task.loss(state.apply_fn, {"params": p, **model_state}, batch, rng)
+    return out.loss, out
+
+  (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return out, grads
 
 
 SMALL_BATCHES = ("replica", "microbatch")
 
 
-def _grads(state: TrainState, batch: dict, label_smoothing: float, accum_steps: int,
-           accum_unroll: bool, small_batch: Optional[str]):
-  """Loss and gradients over this replica's batch (in ``accum_steps`` microbatches).
+class _Sums(NamedTuple):
+  """What the microbatch loop accumulates (all float32)."""
+  grads: Any      # Gradient of the loss sum.
+  loss: jax.Array
+  weight: jax.Array
+  metrics: dict
+  small_sq: jax.Array  # Sum over small batches of their mean gradient's squared norm.
 
-  Returns ``(grads, batch_stats, loss, accuracy, small_sq, reduced)``: ``small_sq`` is
-  the mean squared norm of the small-batch gradients (None when ``small_batch`` is None):
-  each replica's microbatch gradient (``'replica'``), or each microbatch's gradient over
-  all replicas (``'microbatch'``, whose gradients are then all-reduced per microbatch, so
-  ``reduced`` is True and the caller does not reduce them again).
+
+def _add(a: _Sums, b: _Sums) -> _Sums:
+  return jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
+
+
+def _micro_sums(task, state, params, stats, mb, rng, small_batch):
+  """One microbatch's ``_Sums`` (all-reduced first under ``'microbatch'``) and its new
+  BN statistics."""
+  out, g = _loss_and_grads(task, state, params, stats, mb, rng)
+  s = _Sums(g, out.loss, out.weight, out.metrics, jnp.zeros((), jnp.float32))
+  if small_batch == "microbatch":
+    s = jax.lax.pmean(s, DATA_AXIS)
+  if small_batch:
+    s = s._replace(small_sq=global_sq_norm(jax.tree.map(lambda x: x / s.weight, s.grads)))
+  return s, out.model_state.get("batch_stats", {})
+
+
+def _grads(task: Task, state: TrainState, batch: dict, accum_steps: int, accum_unroll: bool,
+           small_batch: Optional[str], seed: int):
+  """This replica's ``_Sums`` over its batch (in ``accum_steps`` microbatches), the new BN
+  statistics, and whether the sums are all-reduced already.
+
+  ``small_sq`` sums the squared norms of the small-batch mean gradients (zero when
+  ``small_batch`` is None): each replica's microbatch (``'replica'``), or each microbatch
+  of all replicas (``'microbatch'``, whose sums are then all-reduced per microbatch, so
+  the caller does not reduce them again).
   """
   params, stats0 = as_per_replica((state.params, state.batch_stats), batch)
-  b = batch["label"].shape[0]
-  k = accum_steps
-  per_micro = small_batch == "microbatch"
-  if k == 1 and not per_micro:
-    loss, accuracy, stats, grads = _loss_and_grads(state, params, stats0, batch,
-                                                   label_smoothing)
-    return (grads, stats, loss, accuracy, global_sq_norm(grads) if small_batch else None,
-            False)
+  b, k = task_lib.rows(batch), accum_steps
+  if k == 1 and small_batch != "microbatch":
+    s, stats = _micro_sums(task, state, params, stats0, batch,
+                           dropout_rng(seed, state.step, 0), small_batch)
+    return s, stats, False
   micro = jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), batch)
 
-  def body(carry, mb):
-    grad_sum, stats, loss_sum, acc_sum, sq_sum = carry
-    loss, acc, stats, g = _loss_and_grads(state, params, stats, mb, label_smoothing)
-    if per_micro:
-      g = jax.lax.pmean(g, DATA_AXIS)
-    sq_sum = sq_sum + global_sq_norm(g) if small_batch else sq_sum
-    grad_sum = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grad_sum, g)
-    return (grad_sum, stats, loss_sum + loss, acc_sum + acc, sq_sum), None
+  def body(carry, xs):
+    j, mb = xs
+    acc, stats = carry
+    s, stats = _micro_sums(task, state, params, stats, mb, dropout_rng(seed, state.step, j),
+                           small_batch)
+    return (_add(acc, s), stats), None
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  zero = jnp.zeros((), jnp.float32)
-  (grad_sum, stats, loss, accuracy, small_sq), _ = jax.lax.scan(
-      body, (zeros, stats0, zero, zero, zero), micro, unroll=True if accum_unroll else 1)
-  grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state.params)
-  return (grads, stats, loss / k, accuracy / k, small_sq / k if small_batch else None,
-          per_micro)
+  # The carry's zeros come from one microbatch's shapes (the task decides its metrics).
+  shapes = jax.eval_shape(lambda: _micro_sums(task, state, params, stats0,
+                                              jax.tree.map(lambda x: x[0], micro),
+                                              dropout_rng(seed, state.step, 0),
+                                              small_batch)[0])
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+  (sums, stats), _ = jax.lax.scan(body, (zeros, stats0), (jnp.arange(k), micro),
+                                  unroll=True if accum_unroll else 1)
+  return sums, stats, small_batch == "microbatch"
 
 
 def _learning_rate(state: TrainState, lr_factor: float, max_learning_rate: float,
@@ -255,10 +270,10 @@ def _noise_scale(state: TrainState, small_sq, big_sq, b_small: int, b_big: int, 
   return stats_lib.update_noise_scale(state.noise_scale, g2, trace, decay)
 
 
-def _metrics(new_state: TrainState, loss, accuracy, lr, grad_norm, update_norm,
+def _metrics(new_state: TrainState, loss, task_metrics: dict, lr, grad_norm, update_norm,
              nonfinite: str, noise_scale_decay: float) -> dict:
-  metrics = {"train/loss": loss, "train/accuracy": accuracy, "lr": lr,
-             "grad_norm": grad_norm, "param_norm": global_norm(new_state.params),
+  metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in task_metrics.items()},
+             "lr": lr, "grad_norm": grad_norm, "param_norm": global_norm(new_state.params),
              "update_norm": update_norm}
   if nonfinite == "skip":
     metrics["nonfinite/skipped"] = new_state.skips.total.astype(jnp.float32)
@@ -268,16 +283,43 @@ def _metrics(new_state: TrainState, loss, accuracy, lr, grad_norm, update_norm,
   return metrics
 
 
-def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
+def _reduce(sums: "_Sums", batch_stats, reduced: bool):
+  """The one all-reduce of the step: gradient, loss and metric sums and their weight,
+  the BN statistics and the small-batch norms; returns the global means.
+
+  Each collective is a rendezvous of all replicas, so separate ones cost measurably more
+  than one (CPU: ~7% of the mnist1d CNN step on 8 devices; see BENCHMARKS.md). Sums
+  divided by the summed weight give the mean over the global batch, also when replicas
+  hold different numbers of real tokens."""
+  if not reduced:
+    sums, batch_stats = jax.lax.pmean((sums, batch_stats), DATA_AXIS)
+  w = sums.weight
+  grads = jax.tree.map(lambda g: g / w, sums.grads)
+  return (grads, sums.loss / w, {k: v / w for k, v in sums.metrics.items()}, sums.small_sq,
+          batch_stats)
+
+
+def _apply_if(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _ema(ema_params, params, decay: float):
+  if not ema_params:
+    return ema_params
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
                ema_decay: float = 0.0, accum_steps: int = 1, noise_scale_decay: float = 0.99,
                batch_multiplier: int = 1, lr_factor: float = 1.0, max_learning_rate: float = 0.0,
                accum_unroll: bool = False, nonfinite: str = "stop",
-               max_consecutive_skips: int = 10, noise_small_batch: str = "replica"):
+               max_consecutive_skips: int = 10, noise_small_batch: str = "replica",
+               seed: int = 0):
   """One optimizer step on this replica's share of the global batch.
 
-  The loss is the mean over this replica's examples; gradients are averaged over
-  ``DATA_AXIS``, which equals the gradient of the mean loss over the global batch (all
-  replicas hold the same number of examples). BatchNorm running averages are averaged
+  The task (static) gives each replica's loss *sum* and its weight (examples or real
+  tokens); the step all-reduces sums and weights over ``DATA_AXIS`` and divides, which is
+  the gradient of the mean loss over the global batch. BatchNorm running averages are averaged
   over replicas too, so they stay identical on every replica. The step is correct under
   ``pmap`` and ``shard_map`` with ``check_vma`` off (effjax's ``Runner``) or on (a user's
   own ``shard_map``; see ``as_per_replica``).
@@ -308,8 +350,9 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
     state: the replicated ``TrainState``; its optimizer built with
       ``create_optimizer(..., inject_lr=True)`` (the step sets the LR in it), or, for a
       fixed batch only, any optax transformation following its own schedule.
-    batch: ``{'input': [b, ...], 'label': [b]}``, this replica's rows.
-    label_smoothing: label-smoothing factor for the cross-entropy.
+    batch: this replica's rows, as the task reads them (classification:
+      ``{'input': [b, ...], 'label': [b]}``).
+    task: an ``effjax.tasks.Task``: the loss, its weight and the train metrics.
     ema_decay: momentum of the parameter EMA, if the state keeps one (scale it with the
       batch size by ``effjax.optim.ema_decay_for_batch``).
     accum_steps: microbatches per step; must divide ``b``.
@@ -330,10 +373,12 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
       state and so the LR schedule move on with the data. ``max_consecutive_skips``
       skips in a row then stop as ``'stop'``.
     noise_small_batch: ``'replica'`` or ``'microbatch'``, see above.
+    seed: the dropout keys derive from ``(seed, step, replica, microbatch)``
+      (``dropout_rng``), so a resumed run replays them.
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
-    ``train/accuracy``, ``lr`` (the LR the optimizer applied), ``grad_norm``,
+    the task's ``train/<metric>`` (classification: ``train/accuracy``), ``lr`` (the LR the optimizer applied), ``grad_norm``,
     ``param_norm``, ``update_norm``, for optimizers with a trust ratio
     ``trust_ratio/{min,median,max}``, and with the noise scale
     ``noise_scale/{g2,trace_sigma,b_simple}``.
@@ -345,7 +390,7 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
   References:
     McCandlish et al. 2018, arXiv:1812.06162 (noise scale).
   """
-  b = batch["label"].shape[0]
+  b = task_lib.rows(batch)
   if accum_steps < 1 or b % accum_steps:
     raise ValueError(f"accum_steps={accum_steps} must be a positive divisor of the "
                      f"per-replica batch of {b}")
@@ -358,53 +403,36 @@ def train_step(state: TrainState, batch: dict, label_smoothing: float = 0.0,
     raise ValueError(f"the noise scale needs two batch sizes; its small batch "
                      f"({noise_small_batch!r}: {b_small} examples) is the whole batch: "
                      "use more replicas or accum_steps > 1")
-  grads, batch_stats, loss, accuracy, small_sq, reduced = _grads(
-      state, batch, label_smoothing, accum_steps, accum_unroll,
-      noise_small_batch if noise_on else None)
-  # One all-reduce for everything the replicas average: each collective is a rendezvous
-  # of all replicas, so separate ones cost measurably more than one (CPU: ~7% of the
-  # mnist1d CNN step on 8 devices; see BENCHMARKS.md).
-  to_mean = (batch_stats, loss, accuracy, small_sq) + (() if reduced else (grads,))
-  batch_stats, loss, accuracy, small_sq, *rest = jax.lax.pmean(to_mean, DATA_AXIS)
-  grads = rest[0] if rest else grads
+  sums, batch_stats, reduced = _grads(task, state, batch, accum_steps, accum_unroll,
+                                      noise_small_batch if noise_on else None, seed)
+  grads, loss, task_metrics, small_sq, batch_stats = _reduce(sums, batch_stats, reduced)
   lr, size_state = _learning_rate(state, lr_factor, max_learning_rate, batch_multiplier)
   updates, opt_state, params = _update(state, grads, lr)
   grad_norm, update_norm = global_norm(grads), global_norm(updates)
   ok, skips, stop_now = _guards(state, loss, grad_norm, update_norm, nonfinite,
                                 max_consecutive_skips)
-  keep = lambda new, old: jax.tree.map(lambda a, b_: jnp.where(ok, a, b_), new, old)
-  ema_params = state.ema_params
-  if ema_params:
-    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                              ema_params, params)
   noise = state.noise_scale
   if noise_on:
-    noise = _noise_scale(state, small_sq, jnp.square(grad_norm), b_small, b * n,
-                         noise_scale_decay)
+    noise = _noise_scale(state, small_sq / accum_steps, jnp.square(grad_norm), b_small,
+                         b * n, noise_scale_decay)
   new_state = state.replace(
       step=state.step + 1,
-      ema_params=keep(ema_params, state.ema_params),
-      params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
-      noise_scale=keep(noise, state.noise_scale),
+      ema_params=_apply_if(ok, _ema(state.ema_params, params, ema_decay), state.ema_params),
+      params=_apply_if(ok, params, state.params),
+      batch_stats=_apply_if(ok, batch_stats, state.batch_stats),
+      opt_state=_apply_if(ok, opt_state, state.opt_state),
+      noise_scale=_apply_if(ok, noise, state.noise_scale),
       batch_size_state=size_state,
       skips=skips,
       nonfinite_step=jnp.where(stop_now & (state.nonfinite_step < 0), state.step,
                                state.nonfinite_step))
-  return new_state, _metrics(new_state, loss, accuracy, lr, grad_norm, update_norm,
+  return new_state, _metrics(new_state, loss, task_metrics, lr, grad_norm, update_norm,
                              nonfinite, noise_scale_decay)
 
 
-def eval_step(state: TrainState, batch: dict):
-  """Sums of loss, correct predictions and real examples over the global eval batch.
+def eval_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION):
+  """The task's eval sums (loss, weight, metrics, ``count``) over the global eval batch.
 
   ``batch['mask']`` is 0 on padding rows, which therefore count nowhere.
   """
-  logits = state.apply_fn(state.variables(), batch["input"], train=False)
-  mask = batch["mask"]
-  loss = cross_entropy(logits, batch["label"])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  sums = {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
-          "count": jnp.sum(mask)}
-  return jax.lax.psum(sums, DATA_AXIS)
+  return jax.lax.psum(task.eval_sums(state.apply_fn, state.variables(), batch), DATA_AXIS)

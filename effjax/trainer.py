@@ -31,6 +31,7 @@ from effjax import models
 from effjax import optim
 from effjax import preemption as preemption_lib
 from effjax import steps
+from effjax import tasks
 from effjax.parallel import Runner, make_mesh
 
 EXIT_NONFINITE = 3
@@ -87,6 +88,7 @@ class Setup:
   state: steps.TrainState      # On the host, freshly initialised.
   train_source: Any = None
   eval_source: Any = None
+  task: tasks.Task = tasks.CLASSIFICATION
 
 
 def _dtype(config) -> Any:
@@ -100,8 +102,25 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _check_sources(config, spec, builder, train, train_split: str) -> None:
+  if spec.kind == "text":  # num_train_examples is the budget of one schedule "epoch".
+    if len(train) < 1:
+      raise data_lib.DatasetError(f"dataset {config.dataset.name!r} split {train_split!r} "
+                                  f"holds no full sequence of {config.dataset.seq_len} tokens")
+    return
+  if len(train) != config.dataset.num_train_examples:
+    raise config_lib.ConfigError(
+        f"dataset.num_train_examples={config.dataset.num_train_examples} but split "
+        f"{train_split!r} of {config.dataset.name!r} has {len(train)} examples")
+  num_classes = builder.info.features[spec.label_key].num_classes
+  if num_classes != spec.num_classes:
+    raise data_lib.DatasetError(f"dataset {config.dataset.name!r} in {builder.data_dir!r} has "
+                                f"{num_classes} classes; effjax expects {spec.num_classes}")
+
+
 def load_data(config, runner: Runner):
   """Builds (embedded) or finds the dataset; returns its spec and train and eval sources."""
+  del runner
   spec = data_lib.get_spec(config.dataset.name)
   kwargs = dict(data_dir=config.dataset.data_dir or None,
                 num_examples=config.dataset.num_examples)
@@ -114,32 +133,30 @@ def load_data(config, runner: Runner):
     builder = data_lib.get_builder(config.dataset.name, **kwargs)
   train_split = config.dataset.train_split or spec.train_split
   eval_split = config.dataset.eval_split or spec.eval_split
-  train = data_lib.load_split(builder, train_split, spec)
-  evals = data_lib.load_split(builder, eval_split, spec)
-  if len(train) != config.dataset.num_train_examples:
-    raise config_lib.ConfigError(
-        f"dataset.num_train_examples={config.dataset.num_train_examples} but split "
-        f"{train_split!r} of {config.dataset.name!r} has {len(train)} examples")
-  num_classes = builder.info.features[spec.label_key].num_classes
-  if num_classes != spec.num_classes:
-    raise data_lib.DatasetError(f"dataset {config.dataset.name!r} in {builder.data_dir!r} has "
-                                f"{num_classes} classes; effjax expects {spec.num_classes}")
+  seq_len = config.dataset.seq_len
+  train = data_lib.load_split(builder, train_split, spec, seq_len, train=True)
+  evals = data_lib.load_split(builder, eval_split, spec, seq_len, train=False)
+  _check_sources(config, spec, builder, train, train_split)
   return spec, train, evals
 
 
 def preprocess_fns(config, spec: data_lib.DatasetSpec):
   augment = spec.augment if config.input.augment == "default" else config.input.augment
-  kw = dict(augment=augment, image_size=spec.input_shape[0], mean=spec.mean, std=spec.std)
+  image_size = spec.input_shape[0] if spec.input_shape else 0
+  kw = dict(augment=augment, image_size=image_size, mean=spec.mean, std=spec.std)
   return (data_lib.make_preprocess_fn(spec.kind, train=True, **kw),
           data_lib.make_preprocess_fn(spec.kind, train=False, **kw))
 
 
 def build(config, with_data: bool = True, runner: Optional[Runner] = None,
-          num_devices: Optional[int] = None) -> Setup:
-  """Validates ``config`` and builds the runner, data sources, model and initial state.
+          num_devices: Optional[int] = None, task: Optional[tasks.Task] = None,
+          model: Any = None) -> Setup:
+  """Validates ``config`` and builds the runner, data sources, task, model and initial
+  state.
 
   ``num_devices`` is the device count to validate and size for (default: the runner's);
-  ``dry_run`` sizes a pod config while compiling for one device."""
+  ``dry_run`` sizes a pod config while compiling for one device. ``task`` and ``model``
+  replace the config's (``config.task``, ``config.model``): a user's own."""
   runner = runner or Runner(config.parallel)
   num_devices = num_devices or runner.num_devices
   config_lib.validate(config, num_devices)
@@ -147,24 +164,35 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None,
     spec, train, evals = load_data(config, runner)
   else:
     spec, train, evals = data_lib.get_spec(config.dataset.name), None, None
-  model = models.create_model(config.model, spec.num_classes, _dtype(config))
-  adaptive = config.batch_schedule == "adaptive"
+  task = task or tasks.create_task(config)
+  if model is None:
+    model = models.create_model(config.model, spec.num_classes, _dtype(config),
+                                seq_len=config.dataset.seq_len)
   tx, schedule = optim.create_optimizer(config, config.num_train_steps, inject_lr=True)
   noise_scale = config.noise_scale.enabled
   if noise_scale and num_devices == 1 and config.accum_steps == 1:
     logging.warning("noise_scale.enabled is ignored: estimating it needs two batch sizes, "
                     "i.e. more than one device or accum_steps > 1")
     noise_scale = False
-  state = steps.create_train_state(jax.random.key(config.seed), model, tx, schedule,
-                                   spec.input_shape, ema=config.ema.enabled,
-                                   noise_scale=noise_scale, adaptive_batch=adaptive)
-  return Setup(config, runner, spec, model, state, train, evals)
+  state = steps.create_train_state(
+      jax.random.key(config.seed), model, tx, schedule,
+      data_lib.input_shape(spec, config.dataset.seq_len), ema=config.ema.enabled,
+      noise_scale=noise_scale, adaptive_batch=config.batch_schedule != "fixed", task=task)
+  return Setup(config, runner, spec, model, state, train, evals, task)
+
+
+def compile_eval(setup: Setup):
+  """The task's eval step, compiled for the setup's runner."""
+  return setup.runner.compile(functools.partial(steps.eval_step, task=setup.task),
+                              donate_state=False)
 
 
 def evaluate(setup: Setup, device_state, eval_fn=None, prefix: str = "eval") -> dict:
-  """Loss and accuracy over the whole eval split (the last batch padded and masked)."""
+  """The task's eval metrics over the whole eval split (the last batch padded and masked):
+  ``<prefix>/loss``, ``<prefix>/count`` and the task's (classification: ``accuracy``;
+  LM: ``accuracy``, ``bits_per_byte``)."""
   runner, config = setup.runner, setup.config
-  eval_fn = eval_fn or runner.compile(steps.eval_step, donate_state=False)
+  eval_fn = eval_fn or compile_eval(setup)
   _, pre = preprocess_fns(config, setup.spec)
   totals = None
   for batch in data_lib.eval_batches(setup.eval_source, pre,
@@ -173,10 +201,8 @@ def evaluate(setup: Setup, device_state, eval_fn=None, prefix: str = "eval") -> 
                                      process_count=jax.process_count()):
     sums = eval_fn(device_state, runner.shard_batch(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = runner.to_host(totals)
-  return {f"{prefix}/loss": float(totals["loss"] / totals["count"]),
-          f"{prefix}/accuracy": float(totals["correct"] / totals["count"]),
-          f"{prefix}/count": int(totals["count"])}
+  totals = jax.tree.map(lambda x: np.asarray(x, np.float64), runner.to_host(totals))
+  return {f"{prefix}/{k}": v for k, v in setup.task.eval_metrics(totals).items()}
 
 
 def evaluate_all(setup: Setup, device_state, eval_fn=None) -> dict:
@@ -201,20 +227,35 @@ def target_eval_steps(first: int, growth: float, total: int) -> list[int]:
 
 
 def _max_batch(config) -> int:
+  if config.batch_schedule == "warmup":
+    return config.batch_warmup.final_batch_size
   return config.adaptive.max_batch_size or 16 * config.batch_size
 
 
-def make_train_step(config, multiplier: int = 1):
-  """``train_step`` with the config's step hyperparameters bound (label smoothing, EMA,
-  accumulation, noise-scale averaging) for a step over ``multiplier`` base batches
-  (adaptive batch size): accumulation or per-device batch grows by it
-  (``adaptive.grow``), the LR by the scaling rule, and the parameter EMA's momentum
-  follows the EMA scaling rule (``decay ** multiplier``)."""
+def tokens_per_example(config) -> int:
+  """Tokens in one example: the sequence length for text, else 1 (an example)."""
+  return int(config.dataset.seq_len) if data_lib.get_spec(
+      config.dataset.name).kind == "text" else 1
+
+
+def warmup_multiplier(config, base_step: int) -> int:
+  """The batch multiplier of ``batch_schedule='warmup'`` after ``base_step`` base batches."""
+  return adaptive_lib.warmup_multiplier(
+      base_step, config.batch_size, config.batch_warmup.final_batch_size,
+      config.batch_warmup.tokens // tokens_per_example(config))
+
+
+def make_train_step(config, multiplier: int = 1, task: Optional[tasks.Task] = None):
+  """``train_step`` with the config's task and step hyperparameters bound (EMA,
+  accumulation, noise-scale averaging, the dropout seed) for a step over ``multiplier``
+  base batches (adaptive batch size, batch warmup): accumulation or per-device batch
+  grows by it (``adaptive.grow``), the LR by the scaling rule, and the parameter EMA's
+  momentum follows the EMA scaling rule (``decay ** multiplier``)."""
   accum = config.accum_steps
   if multiplier > 1 and config.adaptive.grow == "accumulate":
     accum *= multiplier
   return functools.partial(
-      steps.train_step, label_smoothing=config.label_smoothing,
+      steps.train_step, task=task or tasks.create_task(config),
       ema_decay=config.ema.scaled_decay ** multiplier if config.ema.enabled else 0.0,
       accum_steps=accum, noise_scale_decay=config.noise_scale.decay,
       batch_multiplier=multiplier,
@@ -224,7 +265,8 @@ def make_train_step(config, multiplier: int = 1):
       max_learning_rate=config.adaptive.max_learning_rate,
       nonfinite=config.nonfinite, max_consecutive_skips=config.max_consecutive_skips,
       noise_small_batch=("microbatch" if models.cross_replica_statistics(
-          config.model.norm, config.model.bcn_estimated) else "replica"))
+          config.model.norm, config.model.bcn_estimated) else "replica"),
+      seed=config.seed)
 
 
 def _raise_if_nonfinite(runner: Runner, state, config) -> None:
@@ -292,7 +334,7 @@ def _finished_target_run(workdir: str, config) -> Optional[dict]:
   ``restore='ignore'`` starts afresh)."""
   summary_path = epath.Path(workdir) / "summary.json"
   config_path = epath.Path(workdir) / "config.json"
-  if not (config.target.accuracy and config.restore == "auto" and summary_path.exists()
+  if not (_target(config) and config.restore == "auto" and summary_path.exists()
           and config_path.exists()):
     return None
   if config_path.read_text(encoding="utf-8") != _config_json(config):
@@ -301,12 +343,297 @@ def _finished_target_run(workdir: str, config) -> Optional[dict]:
   return done if done.get("target_step") is not None else None
 
 
+def _target(config) -> Optional[tuple[str, float, bool]]:
+  """``(eval metric, value, higher is better)`` of a steps-to-target run, or None."""
+  if config.target.accuracy:
+    return "eval/accuracy", float(config.target.accuracy), True
+  if config.target.loss:
+    return "eval/loss", float(config.target.loss), False
+  return None
+
+
+def _reached(target, metrics: dict) -> bool:
+  if target is None or not metrics:
+    return False
+  name, value, higher = target
+  return metrics[name] >= value if higher else metrics[name] <= value
+
+
+@dataclasses.dataclass
+class _Loop:
+  """What the loop carries from one step to the next (all on the host)."""
+  step: int                 # Base batches consumed (progress, schedule, eval, checkpoints).
+  opt_step: int             # Optimizer steps taken.
+  multiplier: int           # Base batches per step (adaptive batch, batch warmup).
+  data_state: Any = None    # The input pipeline's position after the last batch.
+  pending: list = dataclasses.field(default_factory=list)  # Metrics not yet fetched.
+  last_eval: dict = dataclasses.field(default_factory=dict)
+  last_train: dict = dataclasses.field(default_factory=dict)
+  last_noise: dict = dataclasses.field(default_factory=dict)
+  target_step: Optional[int] = None
+  last_save_time: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class _Run:
+  """The resources of one ``train_and_evaluate`` call: restored state, compiled steps,
+  input, checkpointer, writer and progress line. ``close`` releases them."""
+
+  def __init__(self, setup: Setup, workdir: str, verbose: bool):
+    config, runner = setup.config, setup.runner
+    self.setup, self.config, self.runner, self.workdir = setup, config, runner, workdir
+    self.primary = jax.process_index() == 0
+    self.checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints",
+                                              config.checkpoint.max_to_keep, sync=_sync,
+                                              agree=_agree_int)
+    try:
+      restored = self._restore()
+    except ckpt_lib.CheckpointMismatchError as e:
+      self.checkpointer.close()
+      raise config_lib.ConfigError(str(e)) from None
+    host_items = restored.state if restored.step is not None else setup.state.items()
+    start = restored.step or 0
+    if self.primary:  # Rows a killed run logged after its last checkpoint are logged again.
+      _truncate_metrics(workdir, start)
+    # Decisions that must replay after a resume come from values in the checkpoint.
+    first = lambda x: (np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array)
+                       else x)
+    size = host_items["batch_size_state"]
+    self.loop = _Loop(step=start, opt_step=int(first(host_items["step"])),
+                      multiplier=int(first(size.multiplier)) if size else 1,
+                      data_state=restored.data if restored.step is not None else None)
+    self.state = setup.state.replace(**runner.replicate(host_items))
+    if self.primary:
+      _save_config(workdir, config)
+    self._train_fns: dict = {}
+    self.eval_fn = compile_eval(setup)
+    self.prefetcher = self._input_stream(self.loop.data_state)
+    self.writer = metrics_lib.MetricWriter(workdir, self.primary)
+    self.progress = metrics_lib.Progress(config.num_train_steps, config.batch_size, start,
+                                         enabled=verbose and self.primary)
+    for step_, problem in restored.invalid:
+      self.progress.message(f"checkpoint step {step_} is damaged ({problem}); moved it to "
+                            f"{self.checkpointer.directory}.invalid/")
+    if start:
+      self.progress.message(f"resumed from step {start} in {workdir}")
+
+  def _restore(self) -> ckpt_lib.Restored:
+    if self.config.restore == "ignore":
+      moved = self.checkpointer.set_aside()
+      if moved and self.primary:
+        logging.warning("restore='ignore': moved the existing checkpoints to %s", moved)
+      return ckpt_lib.Restored(None)
+    return self.checkpointer.restore_latest(
+        ckpt_lib.abstract_like(self.setup.state.items(), self.runner.replicated))
+
+  def _input_stream(self, data_state):
+    config = self.config
+    train_pre, _ = preprocess_fns(config, self.setup.spec)
+    ds = data_lib.train_dataset(
+        self.setup.train_source, train_pre, global_batch_size=config.batch_size,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_threads=config.input.num_threads,
+        prefetch_buffer_size=config.input.host_prefetch,
+        num_workers=config.input.num_workers)
+    return data_lib.Prefetcher(data_lib.make_train_iterator(ds, data_state),
+                               self.runner.shard_batch, config.input.device_prefetch)
+
+  def train_fn(self, m: int):
+    if m not in self._train_fns:
+      self._train_fns[m] = self.runner.compile(make_train_step(self.config, m,
+                                                               self.setup.task))
+    return self._train_fns[m]
+
+  def save(self, step: int) -> None:
+    # Never checkpoint past a non-finite step: the newest checkpoint stays the last good one.
+    _raise_if_nonfinite(self.runner, self.state, self.config)
+    self.checkpointer.save(step, self.runner.unreplicate(self.state).items(),
+                           self.loop.data_state)
+    self.loop.last_save_time = time.monotonic()
+
+  def close(self) -> None:
+    self.prefetcher.close()
+    self.checkpointer.close()
+    self.writer.close()
+
+
+def _crossed(prev: int, new: int, every: int) -> bool:
+  return bool(every) and new // every > prev // every
+
+
+def _input(run: _Run):
+  """Phase *input*: the next step's batch, ``multiplier`` base batches concatenated on
+  the devices. Never past the end of training; a ``stop_after`` point may fall inside a
+  step, which then finishes (so a stopped and resumed run takes the same steps)."""
+  loop = run.loop
+  m = min(loop.multiplier, adaptive_lib.max_multiplier(1, run.config.num_train_steps - loop.step))
+  items = [next(run.prefetcher) for _ in range(m)]
+  loop.data_state = items[-1][1]
+  return run.runner.concat_batches([b for b, _ in items]), m
+
+
+def _train_step(run: _Run, batch, m: int) -> int:
+  """Phase *step*: one optimizer step; returns the previous base step. Everything the
+  step reads is on the devices already; an implicit transfer (a host array or Python
+  scalar slipping in) is an error, as in big_vision."""
+  loop = run.loop
+  with jax.transfer_guard(run.config.transfer_guard):
+    run.state, metrics = run.train_fn(m)(run.state, batch)
+  loop.pending.append(metrics)
+  prev = loop.step
+  loop.step, loop.opt_step = loop.step + m, loop.opt_step + 1
+  return prev
+
+
+def _log(run: _Run, m: int) -> dict:
+  """Phase *log*: fetches the pending metrics (the only host sync between log points),
+  stops on NaN/Inf, and returns the means with rates and counters."""
+  loop, config = run.loop, run.config
+  host = run.runner.to_host(loop.pending)
+  loop.pending = []
+  scalars = {k: _mean_of_finite([m_[k] for m_ in host]) for k in host[0]}
+  loop.last_train = {k: v for k, v in scalars.items() if k.startswith("train/")}
+  loop.last_noise = {k: host[-1][k] for k in host[-1] if k.startswith("noise_scale/")}
+  _raise_if_nonfinite(run.runner, run.state, config)
+  steps_per_sec, examples_per_sec = run.progress.rates(loop.step)
+  scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
+                 epoch=loop.step / config.steps_per_epoch, batch_size=m * config.batch_size,
+                 optimizer_step=loop.opt_step)
+  per = tokens_per_example(config)
+  if per > 1:
+    scalars.update(tokens_per_sec=examples_per_sec * per,
+                   tokens=loop.step * config.batch_size * per)
+  if "noise_scale/b_simple" in host[-1]:
+    # The latest average, not the window's mean: a resume restarts the window.
+    scalars["adaptive/b_simple"] = float(host[-1]["noise_scale/b_simple"])
+  return scalars
+
+
+def _adapt(run: _Run, scalars: Optional[dict]) -> None:
+  """Phase *adapt*: the batch multiplier for the next steps: the batch warmup's (a
+  function of the data consumed), or the adaptive batch's (from the noise scale, at log
+  points once its average has a horizon of data behind it)."""
+  loop, config = run.loop, run.config
+  if config.batch_schedule == "warmup":
+    new = warmup_multiplier(config, loop.step)
+  elif (config.batch_schedule == "adaptive" and scalars is not None and
+        loop.step >= 1.0 / (1.0 - config.noise_scale.decay)):
+    new = adaptive_lib.next_multiplier(loop.multiplier, scalars["adaptive/b_simple"],
+                                       config.batch_size, config.adaptive.multiple,
+                                       _max_batch(config))
+  else:
+    return
+  if new != loop.multiplier:
+    note = (f" (B_simple {scalars['adaptive/b_simple']:.0f})"
+            if config.batch_schedule == "adaptive" else " (batch warmup)")
+    run.progress.message(f"step {loop.step}: batch size {loop.multiplier * config.batch_size}"
+                         f" -> {new * config.batch_size}{note}")
+    loop.multiplier = new
+
+
+def _eval(run: _Run, scalars: dict) -> None:
+  """Phase *eval*: the eval metrics (and the EMA's), and whether the target is reached."""
+  loop = run.loop
+  loop.last_eval = evaluate_all(run.setup, run.state, run.eval_fn)
+  scalars.update({k: v for k, v in loop.last_eval.items() if not k.endswith("/count")})
+  if _reached(_target(run.config), loop.last_eval):
+    loop.target_step = loop.step
+
+
+def _headline(run: _Run) -> str:
+  name = run.setup.task.headline
+  ev = run.loop.last_eval
+  return f" | {name} {ev[name]:.4f}" if name in ev else ""
+
+
+def _save_due(run: _Run, prev: int, end: int, log_now: bool, stop_now: bool) -> bool:
+  """Phase *save*, the decision. Time-based saves are checked every step on one process;
+  with several, at log points, where process 0's clock decides for all (their clocks
+  differ)."""
+  config, loop = run.config, run.loop
+  every_secs = config.checkpoint.every_secs
+  time_due = bool(every_secs) and (log_now or jax.process_count() == 1) and _agree(
+      time.monotonic() - loop.last_save_time >= every_secs)
+  return (_crossed(prev, loop.step, config.checkpoint.every_steps) or loop.step >= end or
+          loop.target_step is not None or time_due or stop_now)
+
+
+def _run_loop(run: _Run, end: int, guard) -> Optional[preemption_lib.Preempted]:
+  """The loop's skeleton: input, step, log (+ eval, adapt), save, until ``end``, the
+  target, or a stop signal. Returns the ``Preempted`` to raise, if a signal came."""
+  config, loop = run.config, run.loop
+  target_evals = (target_eval_steps(config.target.first_eval_step, config.target.eval_growth,
+                                    config.num_train_steps) if _target(config) else [])
+  _adapt(run, None)
+  while loop.step < end:
+    batch, m = _input(run)
+    prev = _train_step(run, batch, m)
+    eval_now = (loop.step == config.num_train_steps or
+                _crossed(prev, loop.step, config.eval_every_steps) or
+                bisect.bisect_right(target_evals, loop.step) >
+                bisect.bisect_right(target_evals, prev))
+    log_now = loop.opt_step % config.log_every == 0 or eval_now
+    if log_now:
+      scalars = _log(run, m)
+      if eval_now:
+        _eval(run, scalars)
+      run.writer.write(loop.step, scalars)
+      run.progress.update(loop.step, scalars["steps_per_sec"], scalars, _headline(run))
+    _adapt(run, scalars if log_now else None)
+    stop_now = guard.should_stop(loop.step, log_now)
+    if _save_due(run, prev, end, log_now, stop_now):
+      run.save(loop.step)
+    if stop_now and loop.step < end and loop.target_step is None:
+      run.checkpointer.wait()
+      preempted = preemption_lib.Preempted(loop.step, guard.signal_name, run.workdir)
+      run.progress.message(str(preempted))
+      return preempted
+    if loop.target_step is not None:
+      name, value, _ = _target(config)
+      run.progress.message(f"reached {name} {loop.last_eval[name]:.4f} (target {value}) at "
+                           f"step {loop.step}")
+      return None
+  return None
+
+
+def _summary(run: _Run, t_start: float) -> dict:
+  """The final eval metrics, counters and (task) baselines, as written to summary.json."""
+  config, loop, runner = run.config, run.loop, run.runner
+  if not loop.last_eval:  # Resumed a finished run: evaluate what is there.
+    loop.last_eval = evaluate_all(run.setup, run.state, run.eval_fn)
+  target = _target(config)
+  reached = loop.target_step is not None
+  per = tokens_per_example(config)
+  return {
+      "final_step": int(loop.step),
+      **loop.last_eval,
+      **loop.last_train,  # Means over the last log_every steps (absent after a bare resume).
+      **run.setup.task.reference_metrics(run.setup.train_source, run.setup.eval_source),
+      "wall_time_sec": time.perf_counter() - t_start,
+      "batch_size": config.batch_size,
+      "optimizer_steps": loop.opt_step,
+      "examples": loop.step * config.batch_size,
+      **({"tokens": loop.step * config.batch_size * per} if per > 1 else {}),
+      "final_batch_size": loop.multiplier * config.batch_size,
+      **({f"target_{target[0].split('/')[1]}": target[1], "target_metric": target[0],
+          "target_step": loop.target_step,
+          "target_examples": loop.target_step * config.batch_size if reached else None,
+          "target_optimizer_step": loop.opt_step if reached else None,
+          **{f"target/{k}": float(v) for k, v in loop.last_noise.items()}} if target else {}),
+      "num_devices": runner.num_devices,
+      "num_processes": jax.process_count(),
+  }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       verbose: bool = True, stop_after: Optional[int] = None) -> dict:
+                       verbose: bool = True, stop_after: Optional[int] = None,
+                       task: Optional[tasks.Task] = None, model: Any = None) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
   Writes ``metrics.jsonl``, TensorBoard events, checkpoints under ``checkpoints/`` and
-  ``summary.json``.
+  ``summary.json``. The loop's phases are ``_input``, ``_train_step``, ``_log``,
+  ``_eval``, ``_adapt`` and the save in ``_run_loop``. Progress, evaluation and
+  checkpoints count base batches (``config.batch_size`` each); an adaptive-batch or
+  batch-warmup step consumes ``multiplier`` of them.
 
   Args:
     config: an experiment config (see ``effjax.config.base_config``).
@@ -314,6 +641,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     verbose: print the progress line.
     stop_after: if set, checkpoint and return after this step even though training is
       not finished (time-sliced jobs); calling again resumes from there.
+    task, model: a user's own ``effjax.tasks.Task`` and flax module, in place of the
+      config's (the README shows one).
 
   Returns:
     The summary dict (final eval metrics, steps, wall time); after ``stop_after``, only
@@ -333,199 +662,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   done = _finished_target_run(workdir, config)
   if done is not None:  # Stopped at its target with this very config: nothing left to do.
     return done
-  setup = build(config, runner=runner)
-  primary = jax.process_index() == 0
+  run = _Run(build(config, runner=runner, task=task, model=model), workdir, verbose)
   total = config.num_train_steps
-
-  checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints",
-                                       config.checkpoint.max_to_keep, sync=_sync,
-                                       agree=_agree_int)
-  host_items = setup.state.items()
-  data_state = None
-  try:
-    if config.restore == "ignore":
-      restored = ckpt_lib.Restored(None)
-      moved = checkpointer.set_aside()
-      if moved and primary:
-        logging.warning("restore='ignore': moved the existing checkpoints to %s", moved)
-    else:
-      restored = checkpointer.restore_latest(
-          ckpt_lib.abstract_like(host_items, runner.replicated))
-  except ckpt_lib.CheckpointMismatchError as e:
-    checkpointer.close()
-    raise config_lib.ConfigError(str(e)) from None
-  start = restored.step
-  if start is not None:
-    host_items, data_state = restored.state, restored.data
-  start = start or 0
-  if primary:  # Rows a killed run logged after its last checkpoint are logged again.
-    _truncate_metrics(workdir, start)
-  # Progress, evaluation and checkpoints count base batches (config.batch_size each); an
-  # adaptive-batch step consumes `multiplier` of them. Decisions that must replay after a
-  # resume are taken from values in the checkpoint (the optimizer step, the multiplier).
-  adaptive = config.batch_schedule == "adaptive"
-  first = lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x
-  opt_step = int(first(host_items["step"]))
-  multiplier = int(first(host_items["batch_size_state"].multiplier)) if adaptive else 1
-  horizon = 1.0 / (1.0 - config.noise_scale.decay)  # Base steps before the first resize.
-  state = setup.state.replace(**runner.replicate(host_items))
-  if primary:
-    _save_config(workdir, config)
-
-  train_fns: dict = {}
-
-  def train_fn_for(m):
-    if m not in train_fns:
-      train_fns[m] = runner.compile(make_train_step(config, m))
-    return train_fns[m]
-  eval_fn = runner.compile(steps.eval_step, donate_state=False)
-  train_pre, _ = preprocess_fns(config, setup.spec)
-  ds = data_lib.train_dataset(
-      setup.train_source, train_pre, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.input.num_threads, prefetch_buffer_size=config.input.host_prefetch,
-      num_workers=config.input.num_workers)
-  prefetcher = data_lib.Prefetcher(data_lib.make_train_iterator(ds, data_state),
-                                   runner.shard_batch, config.input.device_prefetch)
-  writer = metrics_lib.MetricWriter(workdir, primary)
-  progress = metrics_lib.Progress(total, config.batch_size, start, enabled=verbose and primary)
-  for step_, problem in restored.invalid:
-    progress.message(f"checkpoint step {step_} is damaged ({problem}); moved it to "
-                     f"{checkpointer.directory}.invalid/")
-  if start:
-    progress.message(f"resumed from step {start} in {workdir}")
-
-  last_save_time = time.monotonic()
-
-  def save(step):
-    nonlocal last_save_time
-    # Never checkpoint past a non-finite step: the newest checkpoint stays the last good one.
-    _raise_if_nonfinite(runner, state, config)
-    checkpointer.save(step, runner.unreplicate(state).items(), data_state)
-    last_save_time = time.monotonic()
-
-  every_secs = config.checkpoint.every_secs
-  multi = jax.process_count() > 1
+  end = total if stop_after is None else min(total, max(stop_after, run.loop.step))
   guard = preemption_lib.PreemptionGuard()
-
-  pending: list = []
-  last_eval: dict = {}
-  last_train: dict = {}
-  last_noise: dict = {}
-  step = start
-  end = total if stop_after is None else min(total, max(stop_after, start))
-  crossed = lambda prev, new, every: bool(every) and new // every > prev // every
-  target = config.target.accuracy
-  target_evals = target_eval_steps(config.target.first_eval_step, config.target.eval_growth,
-                                   total) if target else []
-  target_step = None
-  preempted = None
   try:
     guard.__enter__()
-    while step < end:
-      # Never past the end of training; a stop_after point may fall inside a step, which
-      # then finishes (so a stopped and resumed run takes the same steps).
-      m = min(multiplier, adaptive_lib.max_multiplier(1, total - step))
-      items = [next(prefetcher) for _ in range(m)]
-      data_state = items[-1][1]
-      batch = runner.concat_batches([b for b, _ in items])
-      # Everything the step reads is on the devices already; an implicit transfer (a host
-      # array or Python scalar slipping in) is an error, as in big_vision.
-      with jax.transfer_guard(config.transfer_guard):
-        state, metrics = train_fn_for(m)(state, batch)
-      pending.append(metrics)
-      prev, step, opt_step = step, step + m, opt_step + 1
-      last = step == total
-      eval_now = (last or crossed(prev, step, config.eval_every_steps) or
-                  bisect.bisect_right(target_evals, step) >
-                  bisect.bisect_right(target_evals, prev))
-      log_now = opt_step % config.log_every == 0 or eval_now
-      if log_now:
-        host = runner.to_host(pending)
-        scalars = {k: _mean_of_finite([m_[k] for m_ in host]) for k in host[0]}
-        last_train = {k: scalars[k] for k in ("train/loss", "train/accuracy")}
-        last_noise = {k: host[-1][k] for k in host[-1] if k.startswith("noise_scale/")}
-        _raise_if_nonfinite(runner, state, config)
-        steps_per_sec, examples_per_sec = progress.rates(step)
-        scalars.update(steps_per_sec=steps_per_sec, examples_per_sec=examples_per_sec,
-                       epoch=step / config.steps_per_epoch, batch_size=m * config.batch_size,
-                       optimizer_step=opt_step)
-        if adaptive and step >= horizon:
-          # The latest average, not the window's mean: a resume restarts the window.
-          b_simple = float(host[-1]["noise_scale/b_simple"])
-          new = adaptive_lib.next_multiplier(multiplier, b_simple,
-                                             config.batch_size, config.adaptive.multiple,
-                                             _max_batch(config))
-          scalars["adaptive/b_simple"] = b_simple
-          if new != multiplier:
-            progress.message(f"step {step}: batch size {multiplier * config.batch_size} -> "
-                             f"{new * config.batch_size} (B_simple {b_simple:.0f})")
-            multiplier = new
-        if eval_now:
-          last_eval = evaluate_all(setup, state, eval_fn)
-          scalars.update({k: v for k, v in last_eval.items() if not k.endswith("/count")})
-          if target and last_eval["eval/accuracy"] >= target:
-            target_step = step
-        writer.write(step, scalars)
-        progress.update(step, steps_per_sec, scalars,
-                        f" | eval acc {last_eval['eval/accuracy']:.4f}" if last_eval else "")
-        pending = []
-      # Time-based saves: checked every step on one process; with several, at log points,
-      # where process 0's clock decides for all (their clocks differ).
-      time_due = bool(every_secs) and (log_now or not multi) and _agree(
-          time.monotonic() - last_save_time >= every_secs)
-      stop_now = guard.should_stop(step, log_now)
-      if (crossed(prev, step, config.checkpoint.every_steps) or step >= end or
-          target_step is not None or time_due or stop_now):
-        save(step)
-      if stop_now and step < end and target_step is None:
-        checkpointer.wait()
-        preempted = preemption_lib.Preempted(step, guard.signal_name, workdir)
-        progress.message(str(preempted))
-        break
-      if target_step is not None:
-        progress.message(f"reached eval accuracy {last_eval['eval/accuracy']:.4f} >= "
-                         f"target {target} at step {step}")
-        break
+    preempted = _run_loop(run, end, guard)
   finally:
     guard.__exit__(None, None, None)
-    prefetcher.close()
-    checkpointer.close()
-    writer.close()
+    run.close()
   if preempted is not None:
     raise preempted
-
-  if step < total and target_step is None:
-    progress.message(f"stopped after step {step} of {total}; re-run to resume")
-    return {"final_step": int(step), "stopped": True}
-  if not last_eval:  # Resumed a finished run: evaluate what is there.
-    last_eval = evaluate_all(setup, state, eval_fn)
-  summary = {
-      "final_step": int(step),
-      "eval/accuracy": last_eval["eval/accuracy"],
-      "eval/loss": last_eval["eval/loss"],
-      "eval/count": last_eval["eval/count"],
-      **{k: v for k, v in last_eval.items() if k.startswith("eval_ema/")},
-      **last_train,  # Means over the last log_every steps (absent after a bare resume).
-      "wall_time_sec": time.perf_counter() - t_start,
-      "batch_size": config.batch_size,
-      "optimizer_steps": opt_step,
-      "examples": step * config.batch_size,
-      "final_batch_size": multiplier * config.batch_size,
-      **({"target_accuracy": target, "target_step": target_step,
-          "target_examples": None if target_step is None else target_step * config.batch_size,
-          "target_optimizer_step": None if target_step is None else opt_step,
-          **{f"target/{k}": float(v) for k, v in last_noise.items()}} if target else {}),
-      "num_devices": runner.num_devices,
-      "num_processes": jax.process_count(),
-  }
-  if primary:
+  loop = run.loop
+  if loop.step < total and loop.target_step is None:
+    run.progress.message(f"stopped after step {loop.step} of {total}; re-run to resume")
+    return {"final_step": int(loop.step), "stopped": True}
+  summary = _summary(run, t_start)
+  if run.primary:
     (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2),
                                                       encoding="utf-8")
-    progress.message(
-        f"done: step {step}, eval accuracy {summary['eval/accuracy']:.4f}, eval loss "
-        f"{summary['eval/loss']:.4f}, wall time {summary['wall_time_sec']:.1f}s")
+    run.progress.message(f"done: step {loop.step}, " + ", ".join(
+        f"{k} {summary[k]:.4f}" for k in dict.fromkeys((run.setup.task.headline, "eval/loss")))
+        + f", wall time {summary['wall_time_sec']:.1f}s")
   return summary
+
+
+def example_batch(spec: data_lib.DatasetSpec, config, rows: int) -> dict:
+  """A model-ready train batch of ``rows`` rows with the shapes and dtypes the pipeline
+  gives (zeros; text: rows of one packed sequence)."""
+  if spec.kind == "text":
+    seq_len = config.dataset.seq_len
+    stream = data_lib.encode([b"x" * seq_len])
+    return data_lib.PackedSource(stream, seq_len).gather(np.zeros(rows, np.int64))
+  return {"input": np.zeros((rows,) + tuple(spec.input_shape), np.float32),
+          "label": np.zeros((rows,), np.int32)}
 
 
 def _sizing_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -560,9 +731,8 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   setup = build(config, with_data=False, runner=runner, num_devices=n)
   per_device = config.batch_size // n
   state = setup.state.replace(**runner.replicate(setup.state.items()))
-  batch = {"input": jax.ShapeDtypeStruct((per_device,) + tuple(setup.spec.input_shape),
-                                         jnp.float32, sharding=runner.sharded),
-           "label": jax.ShapeDtypeStruct((per_device,), jnp.int32, sharding=runner.sharded)}
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=runner.sharded),
+                       example_batch(setup.spec, config, per_device))
   fn = runner.compile(make_train_step(config), check_replicated=False)
   compiled = fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()

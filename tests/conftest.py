@@ -20,4 +20,5 @@ def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("tfds"))
   data.get_builder("mnist1d", d)
   data.get_builder("digits", d)
+  data.get_builder("python_stdlib", d)
   return d

@@ -30,6 +30,33 @@ def tiny_config(data_dir, **overrides):
   return with_overrides(derive(c), overrides)
 
 
+def lm_config(data_dir, **overrides):
+  """A seconds-long byte-level LM on python_stdlib: 32-token sequences, a 2-layer width-32
+  decoder, AdamW, 16 base steps of 16 sequences, eval on 2% of the validation split."""
+  c = base_config()
+  c.task = "lm"
+  c.dataset.name = "python_stdlib"
+  c.dataset.data_dir = data_dir
+  c.dataset.seq_len = 32
+  c.dataset.num_train_examples = 16 * 16
+  c.dataset.eval_split = "validation[:2%]"
+  c.model.name = "decoder_lm"
+  c.model.widths = (32,)
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.num_epochs = 1.0
+  c.optimizer.name = "adamw"
+  c.optimizer.base_learning_rate = 3e-3
+  c.optimizer.base_batch_size = 16
+  c.optimizer.scaling_rule = "sqrt"
+  c.optimizer.weight_decay = 0.1
+  c.schedule.warmup_epochs = 0.125
+  c.log_every = 4
+  return with_overrides(derive(c), overrides)
+
+
 def run_cli(args, env_extra=None, devices=8, timeout=600, module="experiments.train"):
   """Runs ``python -m MODULE ARGS`` from the repo root; returns the process."""
   env = dict(os.environ)

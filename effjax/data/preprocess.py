@@ -107,7 +107,8 @@ def make_preprocess_fn(kind: str, *, train: bool, augment: str, image_size: int 
 
   Args:
     kind: how inputs are stored: ``'vector'`` (already standardised floats, mnist1d),
-      ``'digits'`` (0..16 grey levels) or ``'image'`` (uint8 RGB).
+      ``'digits'`` (0..16 grey levels), ``'image'`` (uint8 RGB) or ``'text'`` (packed
+      sequences from ``effjax.data.text.PackedSource``, passed through).
     train: whether random augmentation applies.
     augment: one of ``AUGMENTATIONS``; ignored when ``train`` is False except that
       ``'inception_crop'`` selects the matching centre-crop evaluation transform.
@@ -125,6 +126,10 @@ def make_preprocess_fn(kind: str, *, train: bool, augment: str, image_size: int 
 
   if augment == "shift_noise" and kind != "vector":
     raise ValueError(f"input.augment='shift_noise' applies to vector inputs, not {kind!r}")
+  if kind == "text":
+    if augment != "none":
+      raise ValueError(f"input.augment={augment!r}: text has no augmentation (use 'none')")
+    return _text_passthrough
 
   def fn(batch: Batch, rng: Rngs) -> Batch:
     x = batch["input"]
@@ -156,3 +161,9 @@ def make_preprocess_fn(kind: str, *, train: bool, augment: str, image_size: int 
     return out
 
   return fn
+
+
+def _text_passthrough(batch: Batch, rng: Rngs) -> Batch:
+  """Packed text batches are model-ready already."""
+  del rng
+  return batch

@@ -7,14 +7,17 @@ import jax.numpy as jnp
 from effjax.models.norms import (BATCH_NORMS, CONVS, NORMS, NormConfig, cross_replica_statistics,
                                  make_conv,
                                  make_norm)
+from effjax.models.decoder import (DecoderLM, STACKED_NAME, attention_mask, stack_layers,
+                                   unstack_layers)
 from effjax.models.resnet import ResNet, resnet18, resnet20, resnet50
 from effjax.models.simple import CNN1D, MLP
 from effjax.models.transformer import TransformerEncoder
 
-MODELS = ("mlp", "cnn1d", "transformer", "resnet20", "resnet18", "resnet50")
+MODELS = ("mlp", "cnn1d", "transformer", "resnet20", "resnet18", "resnet50", "decoder_lm")
 
 
-def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
+def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
+                 seq_len: int = 0):
   """Builds the linen module named by ``model_config.name``.
 
   Args:
@@ -24,6 +27,7 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
       ``(width,)`` and ``num_layers``/``num_heads`` set the encoder.
     num_classes: classifier outputs.
     dtype: compute dtype of activations; parameters stay float32.
+    seq_len: ``decoder_lm`` only: the longest sequence (the position table).
 
   Returns:
     A ``flax.linen.Module`` called as ``model.apply(variables, x, train=...)``.
@@ -38,6 +42,12 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32):
     return TransformerEncoder(num_classes, width=int(model_config.widths[0]),
                               num_layers=model_config.num_layers,
                               num_heads=model_config.num_heads, norm=norm, dtype=dtype)
+  if name == "decoder_lm":
+    return DecoderLM(num_classes, max_len=int(seq_len), width=int(model_config.widths[0]),
+                     num_layers=model_config.num_layers, num_heads=model_config.num_heads,
+                     dropout=float(model_config.dropout),
+                     tie_embeddings=bool(model_config.tie_embeddings),
+                     scan_layers=bool(model_config.scan_layers), dtype=dtype)
   if name == "resnet20":
     return resnet20(num_classes, norm=norm, dtype=dtype)
   if name == "resnet18":

@@ -6,5 +6,6 @@ from effjax.optim.scaling import SCALING_RULES, ema_decay_for_batch, scale_learn
 from effjax.optim.schedules import DECAYS, warmup_schedule
 from effjax.optim.transforms import (ScaleByTrustRatioState, all_mask, clip_by_global_norm,
                                      default_mask,
-                                     lamb, lars, scale_by_trust_ratio, trust_ratio_stats,
+                                     lamb, lars, scale_by_trust_ratio, stacked_mask,
+                                     trust_ratio_stats,
                                      trust_ratios, tvlars, tvlars_factor)

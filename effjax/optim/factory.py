@@ -1,5 +1,6 @@
 """Builds the optimizer named by a config, as an ``optax.chain``."""
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -12,14 +13,17 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb", "tvlars")
 WEIGHT_DECAY_MASKS = ("ndim>1", "all")
 
 
-def decay_mask(kind: str):
+def decay_mask(kind: str, stacked: Any = None):
   """The weight-decay mask named by the config, as a function of the parameters:
-  ``'ndim>1'``: weights only (``transforms.default_mask``); ``'all'``: every parameter
+  ``'ndim>1'``: weights only (``transforms.default_mask``, counting a stacked layer
+  axis out when ``stacked`` marks one); ``'all'``: every parameter
   (``transforms.all_mask``). Never ``None``, which optax and effjax read differently."""
   if kind == "all":
     return transforms.all_mask
   if kind == "ndim>1":
-    return transforms.default_mask
+    if stacked is None:
+      return transforms.default_mask
+    return functools.partial(transforms.default_mask, stacked=stacked)
   raise ValueError(f"optimizer.weight_decay_mask={kind!r} is not one of {WEIGHT_DECAY_MASKS}")
 
 
@@ -28,11 +32,11 @@ def decay_mask(kind: str):
 DEFAULT_EPS = {"adamw": 1e-8, "lamb": 1e-6}
 
 
-def _build(o, lr) -> optax.GradientTransformation:
+def _build(o, lr, stacked=None) -> optax.GradientTransformation:
   """The chain for ``config.optimizer`` ``o`` at learning rate ``lr`` (a number or a
-  schedule)."""
+  schedule); ``stacked`` marks parameters with a stacked layer axis."""
   wd = float(o.weight_decay)
-  mask = decay_mask(o.weight_decay_mask)
+  mask = decay_mask(o.weight_decay_mask, stacked)
   eps = DEFAULT_EPS.get(o.name) if o.get("eps") is None else float(o.eps)
   if o.name == "adamw":
     return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=eps, weight_decay=wd, mask=mask)
@@ -44,8 +48,8 @@ def _build(o, lr) -> optax.GradientTransformation:
                                         nesterov=o.name == "nesterov"))
   if o.name not in ("lars", "tvlars", "lamb"):
     raise ValueError(f"optimizer.name={o.name!r} is not one of {OPTIMIZERS}")
-  common = dict(weight_decay=wd, weight_decay_mask=mask, trust_ratio_mask=decay_mask(
-      o.trust_ratio_mask))
+  common = dict(weight_decay=wd, weight_decay_mask=mask, stacked=stacked,
+                trust_ratio_mask=decay_mask(o.trust_ratio_mask, stacked))
   max_ratio = float(o.max_trust_ratio) if o.max_trust_ratio > 0 else None
   if o.name == "lars":
     return transforms.lars(lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient,
@@ -83,12 +87,15 @@ def create_optimizer(config: Any, total_steps: int, inject_lr: bool = False):
   schedule = warmup_schedule(float(o.learning_rate), total_steps, int(s.warmup_steps),
                              s.decay, init_value=s.init_value, end_value=s.end_value,
                              power=s.power, decay_fraction=s.decay_fraction)
+  # A model that stacks its layers (nn.scan) gets one trust ratio per layer.
+  model = config.get("model")
+  stacked = transforms.stacked_mask if model is not None and model.get("scan_layers") else None
   if inject_lr:
-    tx = optax.inject_hyperparams(lambda learning_rate: _build(o, learning_rate),
+    tx = optax.inject_hyperparams(lambda learning_rate: _build(o, learning_rate, stacked),
                                   hyperparam_dtype=jnp.float32)(
                                       learning_rate=float(schedule(0)))
   else:
-    tx = _build(o, schedule)
+    tx = _build(o, schedule, stacked)
   return tx, schedule
 
 

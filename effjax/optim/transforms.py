@@ -36,12 +36,30 @@ def _last_name(path) -> str:
   return str(key)
 
 
-def default_mask(params: Any) -> Any:
+def stacked_mask(params: Any, name: str = "layers") -> Any:
+  """``True`` for parameters with a leading stacked-layer axis: those under a module
+  called ``name`` (the ``nn.scan`` of ``effjax.models.DecoderLM(scan_layers=True)``, and
+  MaxText's layout)."""
+  def under(path):
+    return any(getattr(k, "key", getattr(k, "name", None)) == name for k in path)
+  return jax.tree_util.tree_map_with_path(lambda path, _: under(path), params)
+
+
+def _resolve_stacked(stacked: MaskOrFn, params: Any) -> Any:
+  if stacked is None or stacked is False:
+    return jax.tree.map(lambda _: False, params)
+  return stacked(params) if callable(stacked) else stacked
+
+
+def default_mask(params: Any, stacked: MaskOrFn = None) -> Any:
   """The recipe default: ``True`` for weights (``ndim > 1``), ``False`` for biases, norm
   scales and offsets (``ndim <= 1``) and learned position embeddings (a leaf named as in
-  ``NO_DECAY_NAMES``)."""
+  ``NO_DECAY_NAMES``). ``stacked`` (a mask or ``stacked_mask``) marks parameters whose
+  leading axis stacks layers; their ``ndim`` is counted without it."""
+  lead = _resolve_stacked(stacked, params)
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: jnp.ndim(p) > 1 and _last_name(path) not in NO_DECAY_NAMES, params)
+      lambda path, p, s: jnp.ndim(p) - int(s) > 1 and _last_name(path) not in NO_DECAY_NAMES,
+      params, lead)
 
 
 def all_mask(params: Any) -> Any:
@@ -49,19 +67,23 @@ def all_mask(params: Any) -> Any:
   return jax.tree.map(lambda _: True, params)
 
 
-def _resolve_mask(mask: MaskOrFn):
+def _resolve_mask(mask: MaskOrFn, stacked: MaskOrFn = None):
   """Inside effjax one spelling means one thing: ``None`` -> ``default_mask`` (weights
-  only); ``True`` -> ``all_mask``; else the mask (a pytree or a function) as given.
-  (optax's own ``mask=None`` means "all"; effjax never passes ``None`` on to mean that.)"""
+  only, a ``stacked`` layer axis not counted); ``True`` -> ``all_mask``; else the mask
+  (a pytree or a function) as given. (optax's own ``mask=None`` means "all"; effjax never
+  passes ``None`` on to mean that.)"""
   if mask is None:
-    return default_mask
+    return default_mask if stacked is None else (lambda p: default_mask(p, stacked))
   if mask is True:
     return all_mask
   return mask
 
 
-def _sq_norm(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
+def _sq_norm(x: jax.Array, axis_name: Optional[str], stacked: bool = False) -> jax.Array:
+  """Squared norm, over the whole tensor or (``stacked``) per slice of axis 0, shaped to
+  broadcast against ``x``."""
+  axes = tuple(range(1, x.ndim)) if stacked else None
+  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=stacked)
   return jax.lax.psum(sq, axis_name) if axis_name is not None else sq
 
 
@@ -72,7 +94,8 @@ class ScaleByTrustRatioState(NamedTuple):
 
 def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
                          min_norm: float = 0.0, max_trust_ratio: Optional[float] = None,
-                         axis_name: Optional[str] = None) -> optax.GradientTransformation:
+                         axis_name: Optional[str] = None,
+                         stacked: MaskOrFn = None) -> optax.GradientTransformation:
   """Scales each parameter's update ``u`` by ``c * ||w|| / (||u|| + eps)``.
 
   Zero-norm policy: where ``||w||`` or ``||u||`` is 0 (after ``min_norm``), the ratio is
@@ -88,33 +111,39 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
       ``trust_clip`` uses 1.0; DeepSpeed's ``max_coeff`` 10).
     axis_name: a mesh axis that parameters are sharded over (under ``shard_map``); the
       squared norms are summed over it. Not needed under ``jit`` with global arrays.
+    stacked: parameters whose leading axis stacks layers (``nn.scan``): a pytree of bools
+      or a function of the parameters such as ``stacked_mask``. Each slice along that
+      axis (one layer) gets its own ratio, as the unstacked model's layers would; a
+      ratio over the whole stack would tie all layers to one. None: no stacked axis.
 
   Returns:
     An ``optax.GradientTransformation`` whose state (``ScaleByTrustRatioState``) holds the
-    last per-parameter ratios.
+    last per-parameter ratios (per layer, shaped ``[L, 1, ...]``, for stacked ones).
 
   References:
     You et al. 2017, arXiv:1708.03888 (LARS); You et al. 2019, arXiv:1904.00962 (LAMB).
   """
 
   def init_fn(params):
-    return ScaleByTrustRatioState(
-        trust_ratio=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
+    shape = lambda p, s: (p.shape[0],) + (1,) * (p.ndim - 1) if s else ()
+    return ScaleByTrustRatioState(trust_ratio=jax.tree.map(
+        lambda p, s: jnp.ones(shape(p, s), jnp.float32), params,
+        _resolve_stacked(stacked, params)))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG")
                        else "scale_by_trust_ratio needs params")
 
-    def ratio(u, w):
-      w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis_name)), min_norm)
-      u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis_name)), min_norm)
+    def ratio(u, w, s):
+      w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis_name, s)), min_norm)
+      u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis_name, s)), min_norm)
       r = trust_coefficient * w_norm / (u_norm + eps)
       if max_trust_ratio is not None:
         r = jnp.minimum(r, max_trust_ratio)
       return jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
 
-    ratios = jax.tree.map(ratio, updates, params)
+    ratios = jax.tree.map(ratio, updates, params, _resolve_stacked(stacked, params))
     updates = jax.tree.map(lambda u, r: (u * r).astype(u.dtype), updates, ratios)
     return updates, ScaleByTrustRatioState(trust_ratio=ratios)
 
@@ -149,19 +178,21 @@ def clip_by_global_norm(max_norm: float = 1.0,
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def _decay(weight_decay, mask: MaskOrFn) -> optax.GradientTransformation:
-  return optax.add_decayed_weights(weight_decay, mask=_resolve_mask(mask))
+def _decay(weight_decay, mask: MaskOrFn, stacked: MaskOrFn = None) -> optax.GradientTransformation:
+  return optax.add_decayed_weights(weight_decay, mask=_resolve_mask(mask, stacked))
 
 
-def _masked(inner: optax.GradientTransformation, mask: MaskOrFn) -> optax.GradientTransformation:
-  return optax.masked(inner, _resolve_mask(mask))
+def _masked(inner: optax.GradientTransformation, mask: MaskOrFn,
+            stacked: MaskOrFn = None) -> optax.GradientTransformation:
+  return optax.masked(inner, _resolve_mask(mask, stacked))
 
 
 def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
          weight_decay: float = 0.0, trust_coefficient: float = 1e-3, eps: float = 0.0,
          nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
          trust_ratio_mask: MaskOrFn = None, axis_name: Optional[str] = None,
-         max_trust_ratio: Optional[float] = None) -> optax.GradientTransformation:
+         max_trust_ratio: Optional[float] = None,
+         stacked: MaskOrFn = None) -> optax.GradientTransformation:
   """LARS: momentum SGD with a layer-wise trust ratio.
 
   Per layer, ``u = g + wd * w``; ``v <- m * v + lr * r * u``; ``w <- w - v``, with
@@ -183,6 +214,8 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
       ``True``: every parameter; a pytree or callable: used as given.
     axis_name: mesh axis the parameters are sharded over (see ``scale_by_trust_ratio``).
     max_trust_ratio: clip the ratio above at this value.
+    stacked: parameters with a stacked layer axis, one ratio per layer (see
+      ``scale_by_trust_ratio``).
 
   Returns:
     An ``optax.GradientTransformation`` (a chain).
@@ -191,9 +224,10 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     You, Gitman, Ginsburg 2017, arXiv:1708.03888.
   """
   return optax.chain(
-      _decay(weight_decay, weight_decay_mask),
+      _decay(weight_decay, weight_decay_mask, stacked),
       _masked(scale_by_trust_ratio(trust_coefficient, eps, max_trust_ratio=max_trust_ratio,
-                                   axis_name=axis_name), trust_ratio_mask),
+                                   axis_name=axis_name, stacked=stacked), trust_ratio_mask,
+              stacked),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov),
   )
@@ -202,8 +236,8 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
 def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-6, weight_decay: float = 0.0, weight_decay_mask: MaskOrFn = None,
          trust_ratio_mask: MaskOrFn = None, max_trust_ratio: Optional[float] = None,
-         grad_prenorm: bool = False,
-         axis_name: Optional[str] = None) -> optax.GradientTransformation:
+         grad_prenorm: bool = False, axis_name: Optional[str] = None,
+         stacked: MaskOrFn = None) -> optax.GradientTransformation:
   """LAMB: Adam's direction, decoupled weight decay, and a layer-wise trust ratio.
 
   ``m, v`` as Adam with bias correction; ``r = m_hat / (sqrt(v_hat) + eps)``;
@@ -219,6 +253,8 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
     max_trust_ratio: clip the ratio above (timm ``trust_clip``: 1.0; DeepSpeed ``max_coeff``).
     grad_prenorm: first divide the gradients by their global norm when it exceeds 1 (NVLAMB).
     axis_name: mesh axis the parameters are sharded over.
+    stacked: parameters with a stacked layer axis, one ratio per layer (see
+      ``scale_by_trust_ratio``).
 
   Returns:
     An ``optax.GradientTransformation`` (a chain).
@@ -229,9 +265,9 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
   return optax.chain(
       clip_by_global_norm(1.0, axis_name) if grad_prenorm else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      _decay(weight_decay, weight_decay_mask),
-      _masked(scale_by_trust_ratio(max_trust_ratio=max_trust_ratio, axis_name=axis_name),
-              trust_ratio_mask),
+      _decay(weight_decay, weight_decay_mask, stacked),
+      _masked(scale_by_trust_ratio(max_trust_ratio=max_trust_ratio, axis_name=axis_name,
+                                   stacked=stacked), trust_ratio_mask, stacked),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -251,8 +287,8 @@ def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
            delay_steps: int = 0, alpha: float = 1.0, min_factor: float = 0.0,
            momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 1e-3,
            eps: float = 0.0, nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
-           trust_ratio_mask: MaskOrFn = None,
-           axis_name: Optional[str] = None) -> optax.GradientTransformation:
+           trust_ratio_mask: MaskOrFn = None, axis_name: Optional[str] = None,
+           stacked: MaskOrFn = None) -> optax.GradientTransformation:
   """Time-Varying LARS: LARS whose trust ratio is scaled by ``tvlars_factor(t)``.
 
   The factor replaces warmup. Early on it is about ``1/alpha``, so layers explore with
@@ -282,9 +318,10 @@ def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
   """
   factor = lambda count: tvlars_factor(count, decay_rate, delay_steps, alpha, min_factor)
   return optax.chain(
-      _decay(weight_decay, weight_decay_mask),
-      _masked(optax.chain(scale_by_trust_ratio(trust_coefficient, eps, axis_name=axis_name),
-                          optax.scale_by_schedule(factor)), trust_ratio_mask),
+      _decay(weight_decay, weight_decay_mask, stacked),
+      _masked(optax.chain(scale_by_trust_ratio(trust_coefficient, eps, axis_name=axis_name,
+                                               stacked=stacked),
+                          optax.scale_by_schedule(factor)), trust_ratio_mask, stacked),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov),
   )
@@ -315,6 +352,6 @@ def trust_ratio_stats(opt_state: Any) -> dict:
   ratios = trust_ratios(opt_state)
   if not ratios:
     return {}
-  r = jnp.stack([jnp.asarray(x, jnp.float32) for x in ratios])
+  r = jnp.concatenate([jnp.ravel(jnp.asarray(x, jnp.float32)) for x in ratios])
   return {"trust_ratio/min": r.min(), "trust_ratio/median": jnp.median(r),
           "trust_ratio/max": r.max()}

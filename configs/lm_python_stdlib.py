@@ -1,0 +1,66 @@
+r"""Byte-level decoder LM on the running interpreter's standard library, with AdamW.
+
+Launch (the README's LM command):
+  python -m experiments.train --config=configs/lm_python_stdlib.py --workdir=/tmp/lm
+
+Data: ``python_stdlib`` (the stdlib's ``*.py`` sources, tests excluded; 1 file in 20 is
+validation), built locally on first use; documents packed into sequences of
+``dataset.seq_len`` bytes with segment ids, so that attention and the loss never cross a
+document boundary. Model: a pre-LN decoder (learned positions, tied embeddings).
+Optimizer: AdamW (b2 0.95, weight decay 0.1 on matrices other than position embeddings),
+LR = base * sqrt(B / 64) (square-root rule for Adam), linear warmup, cosine decay.
+The budget: ``dataset.num_train_examples`` sequences (one schedule "epoch").
+
+Measured (docs/results.md): see the "LM on python_stdlib" section; ``summary.json`` holds
+``eval/bits_per_byte`` and the add-one bigram baseline ``baseline/bigram_bits_per_byte``
+on the same validation targets.
+
+Size argument: ``:small`` (a 2-layer width-128 model, 1500 steps of 32 x 128 tokens) for a
+local run of a few minutes on 2 CPU cores with 8 simulated devices.
+"""
+
+from effjax.config import base_config, derive
+
+
+def get_config(size: str = "full"):
+  c = base_config()
+  c.task = "lm"
+  c.dataset.name = "python_stdlib"
+  c.dataset.seq_len = 256
+  c.model.name = "decoder_lm"
+  c.model.widths = (256,)
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.dropout = 0.0
+  c.model.tie_embeddings = True
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.num_epochs = 1.0
+  c.dataset.num_train_examples = 64 * 3000   # 3000 steps, 49M tokens.
+  c.optimizer.name = "adamw"
+  c.optimizer.base_learning_rate = 2e-3
+  c.optimizer.base_batch_size = 64
+  c.optimizer.scaling_rule = "sqrt"
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.1
+  c.schedule.decay = "cosine"
+  c.schedule.warmup_epochs = 0.05
+  c.eval_every_epochs = 0.25
+  c.log_every = 50
+  c.checkpoint.every_steps = 500
+  if size == "small":
+    c.dataset.seq_len = 128
+    c.model.widths = (128,)
+    c.model.num_layers = 2
+    c.batch_size = 32
+    c.optimizer.base_learning_rate = 3e-3
+    c.optimizer.base_batch_size = 32
+    c.dataset.num_train_examples = 32 * 1500
+    c.eval_batch_size = 256
+    c.eval_every_epochs = 1.0
+    c.log_every = 100
+    c.checkpoint.every_steps = 0
+  elif size != "full":
+    raise ValueError(f"size={size!r} is not one of ('full', 'small')")
+  return derive(c)
