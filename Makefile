@@ -23,7 +23,7 @@ demo: install
 	  $(VENV)/bin/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	$(VENV)/bin/python -m pytest -q --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8.0",
+        "pytest-xdist>=3.6",  # make test: two workers, one per core.
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",

@@ -9,9 +9,18 @@ import numpy as np
 from effjax import trainer
 
 
-def random_batch(runner, spec, batch_size: int) -> dict:
-  """A global batch of uniform inputs and labels of ``spec``'s shapes, on the devices."""
+def random_batch(runner, spec, batch_size: int, seq_len: int = 0) -> dict:
+  """A global batch of uniform inputs and labels of ``spec``'s shapes, on the devices;
+  for text, ``batch_size`` packed sequences of ``seq_len`` random bytes in documents of
+  random lengths."""
   rng = np.random.RandomState(0)
+  if spec.kind == "text":
+    from effjax.data import text  # pylint: disable=g-import-not-at-top
+    n = batch_size * seq_len + 1
+    cuts = np.sort(rng.choice(np.arange(1, n), size=n // 200, replace=False))
+    docs = [d.tobytes() for d in np.split(rng.randint(32, 127, n).astype(np.uint8), cuts)]
+    return runner.shard_batch(text.PackedSource(text.encode(docs), seq_len).gather(
+        np.arange(batch_size)))
   return runner.shard_batch({
       "input": rng.rand(batch_size, *spec.input_shape).astype(np.float32),
       "label": rng.randint(0, spec.num_classes, batch_size).astype(np.int32)})
@@ -23,7 +32,7 @@ def compiled_step(config, runner=None) -> list:
   dataset's shapes (no data needed)."""
   setup = trainer.build(config, with_data=False, runner=runner)
   r = setup.runner
-  batch = random_batch(r, setup.spec, config.batch_size)
+  batch = random_batch(r, setup.spec, config.batch_size, config.dataset.seq_len)
   fn = r.compile(trainer.make_train_step(config), check_replicated=False)
   state = setup.state.replace(**r.replicate(setup.state.items()))
   state, m = fn(state, batch)

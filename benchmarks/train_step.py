@@ -4,16 +4,20 @@ r"""effjax's full train step against a minimal flax+optax step and PyTorch, side
   python benchmarks/train_step.py --devices=1 --torch          # ... and (c) PyTorch
   pip install torch==2.13.0    # (c) only; a benchmark extra, never an effjax dependency
 
-For each model (the mnist1d CNN, ResNet-18 at 32x32, a small transformer encoder), with the
-same global batch, dtype (float32) and number of devices, it times:
+For each model (the mnist1d CNN, ResNet-18 at 32x32, a small transformer encoder, and the
+byte-level decoder LM on packed 128-token sequences), with the same global batch, dtype
+(float32) and number of devices, it times:
 
   (a)  effjax's train step with everything on: sync BN over all devices, LARS with its
        trust ratios logged, the gradient noise scale (more than one device), grad/param/
-       update norms, loss and accuracy metrics;
+       update norms, loss and accuracy metrics (the LM: AdamW, the task's token-weighted
+       loss, the dropout RNG, the noise scale and the same metrics);
   (a0) effjax's train step with the extras off: per-device BN, no noise scale (LARS and
        the norms stay: they are the step);
   (b)  a minimal hand-written flax+optax step for the same model: per-device BN,
-       ``optax.lars``, ``pmean`` of the gradients under ``shard_map``, loss only;
+       ``optax.lars``, ``pmean`` of the gradients under ``shard_map``, loss only (the LM:
+       the same decoder, ``optax.adamw``, the masked next-token loss as a per-device
+       token mean);
   (b') (b) again, compiled separately: ``(b)/(b')`` shows the timing noise;
   (c)  PyTorch on CPU, same architecture and LARS maths, eager and ``torch.compile``
        (one process; run with ``--devices=1`` to compare like with like).
@@ -32,7 +36,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("devices", 8, "Simulated CPU devices (ignored on accelerators).")
-flags.DEFINE_list("models", ["cnn1d", "resnet18", "transformer"], "Models to time.")
+flags.DEFINE_list("models", ["cnn1d", "resnet18", "transformer", "lm"], "Models to time.")
 flags.DEFINE_bool("torch", False, "Also time PyTorch eager and torch.compile (CPU).")
 flags.DEFINE_integer("repeats", 11, "Interleaved repeats (medians).")
 flags.DEFINE_float("scale", 1.0, "Multiplies every model's steps per repeat.")
@@ -44,7 +48,12 @@ MODELS = {
     "resnet18": ("cifar10", 64, 3, {}),
     "transformer": ("mnist1d", 256, 10, {"model.widths": (64,), "model.num_layers": 2,
                                           "model.num_heads": 4, "model.norm": "layer"}),
+    "lm": ("python_stdlib", 64, 5, {"model.widths": (128,), "model.num_layers": 2,
+                                    "model.num_heads": 4}),
 }
+# The (a)/(b) target of each model: the LM's is 1.05 (issue 16), the others' 1.03.
+TARGETS = {"lm": 1.05}
+LM_SEQ_LEN = 128
 
 
 def _config(model, dataset, batch, overrides, extras: bool, dtype: str):
@@ -61,6 +70,10 @@ def _config(model, dataset, batch, overrides, extras: bool, dtype: str):
   c.compute_dtype = dtype
   c.model.norm = "sync_batch" if extras else "batch"
   c.noise_scale.enabled = extras
+  if model == "lm":
+    c.task, c.model.name, c.model.norm = "lm", "decoder_lm", "layer"
+    c.dataset.seq_len = LM_SEQ_LEN
+    c.optimizer.name, c.optimizer.base_learning_rate = "adamw", 1e-3
   return with_overrides(derive(c), overrides)
 
 
@@ -104,6 +117,44 @@ def _minimal_flax_step(config, runner, spec):
   jax.block_until_ready(loss)
   n = sum(x.size for x in jax.tree.leaves(params))
   return [fn, state, batch, []], n
+
+
+def _minimal_lm_step(config, runner, spec):
+  """(b) for the LM: the same decoder and loss written by hand with flax + optax.adamw."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import random_batch  # pylint: disable=g-import-not-at-top
+  from effjax import models  # pylint: disable=g-import-not-at-top
+
+  model = models.create_model(config.model, spec.num_classes, seq_len=config.dataset.seq_len)
+  seq = jnp.zeros((1, config.dataset.seq_len), jnp.int32)
+  params = model.init(jax.random.key(0), seq)["params"]
+  tx = optax.adamw(config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay)
+  state = (params, tx.init(params))
+
+  def step(state, batch):
+    params, opt = state
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, batch["inputs"], segment_ids=batch["segment_ids"],
+                           positions=batch["positions"], train=True)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+      return jnp.sum(nll * batch["weights"]) / jnp.sum(batch["weights"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    grads = jax.lax.pmean(grads, "data")
+    updates, opt = tx.update(grads, opt, params)
+    return (optax.apply_updates(params, updates), opt), jax.lax.pmean(loss, "data")
+
+  fn = jax.jit(jax.shard_map(step, mesh=runner.mesh, in_specs=(P(), P("data")),
+                             out_specs=(P(), P()), check_vma=False), donate_argnums=0)
+  state = jax.device_put(state, runner.replicated)
+  batch = random_batch(runner, spec, config.batch_size, config.dataset.seq_len)
+  state, loss = fn(state, batch)
+  jax.block_until_ready(loss)
+  return [fn, state, batch, []], sum(x.size for x in jax.tree.leaves(params))
 
 
 def _time_torch(model_name, spec, batch, steps, repeats, results):
@@ -158,12 +209,13 @@ def main(_):
     runs = {"a": compiled_step(full), "a0": compiled_step(lean)}
     from effjax import trainer  # pylint: disable=g-import-not-at-top
     runner = trainer.Runner(full.parallel)
-    runs["b"], n_params = _minimal_flax_step(lean, runner, spec)
+    minimal = _minimal_lm_step if name == "lm" else _minimal_flax_step
+    runs["b"], n_params = minimal(lean, runner, spec)
     # The same minimal step again: (b)/(b') is the timing noise of this machine.
-    runs["b'"], _ = _minimal_flax_step(lean, runner, spec)
+    runs["b'"], _ = minimal(lean, runner, spec)
     times = time_interleaved(runs, steps, FLAGS.repeats)
     n_torch = None
-    if FLAGS.torch:
+    if FLAGS.torch and name != "lm":  # No PyTorch twin of the LM.
       n_torch = _time_torch(name, spec, batch, steps, FLAGS.repeats, times)
     print(f"\n{name}: global batch {batch}, {n_params:,} parameters"
           + (f" (PyTorch: {n_torch:,})" if n_torch else "")
@@ -172,14 +224,15 @@ def main(_):
     for k, t in times.items():
       print(f"  {k:10s} {batch / t:12.1f} examples/s  {t * 1e3:9.2f} ms/step")
     pairs = [("a", "b"), ("a", "a0"), ("a0", "b"), ("b", "b'")]
-    if FLAGS.torch:
+    if FLAGS.torch and name != "lm":
       pairs += [("a", "c_eager"), ("a", "c_compile"), ("b", "c_compile")]
     ratios = {}
     for p, q in pairs:
       ratios[(p, q)] = times[p] / times[q]
       print(f"({p})/({q}) {ratios[(p, q)]:.3f}")
-    verdict = "ok" if ratios[("a", "b")] <= 1.03 else "ABOVE the 1.03 target"
-    print(f"  (a)/(b) target <= 1.03: {verdict}")
+    limit = TARGETS.get(name, 1.03)
+    verdict = "ok" if ratios[("a", "b")] <= limit else f"ABOVE the {limit} target"
+    print(f"  (a)/(b) target <= {limit}: {verdict}")
     table.append((name, batch, times, ratios))
 
   print("\n| model | batch | " + " | ".join(f"{k} ex/s" for k in table[0][2]) + " | " +

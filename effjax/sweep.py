@@ -135,8 +135,8 @@ def best_per_batch(rows: Sequence[dict]) -> list[dict]:
   """For each batch size, the LR that reached the target in the fewest steps.
 
   Returns:
-    Rows with ``batch_size``, ``steps``, ``examples``, ``lr_multiplier``,
-    ``learning_rate`` and ``b_simple`` (the run's noise scale when it reached the target,
+    Rows with ``batch_size``, ``steps``, ``examples`` (and for LMs ``tokens``),
+    ``lr_multiplier``, ``learning_rate`` and ``b_simple`` (the run's noise scale when it reached the target,
     or NaN), sorted by batch size; batch sizes where no LR reached the target are left out.
   """
   best: dict[int, dict] = {}
@@ -149,6 +149,8 @@ def best_per_batch(rows: Sequence[dict]) -> list[dict]:
       best[b] = {"batch_size": b, "steps": int(s), "examples": int(s) * b,
                  "lr_multiplier": r["lr_multiplier"], "learning_rate": r["learning_rate"],
                  "b_simple": float(r.get("target/noise_scale/b_simple", math.nan))}
+      if r.get("tokens") and r.get("examples"):  # LM: tokens per example, then per step.
+        best[b]["tokens"] = int(s) * b * (r["tokens"] // r["examples"])
   return [best[b] for b in sorted(best)]
 
 
@@ -187,8 +189,26 @@ def fit_steps_model(batch_sizes: Sequence[float], steps: Sequence[float]) -> dic
   return {"s_min": s_min, "b_noise": b_noise, "e_min": s_min * b_noise, "rmse_log": rmse}
 
 
-def plot(best: Sequence[dict], fitted: dict, b_simple: float, path: str, target: float
-         ) -> None:
+def target_label(target) -> str:
+  """How a target reads on the plot: an accuracy (a float), or a label as given."""
+  return f"{target:.1%} test accuracy" if isinstance(target, float) else str(target)
+
+
+def config_target(config) -> tuple[str, float]:
+  """``(label, value)`` of the sweep's target: ``target.accuracy`` or ``target.loss``
+  (e.g. an LM's eval loss in nats per token).
+
+  Raises:
+    ValueError: the config sets neither.
+  """
+  if config.target.accuracy:
+    return target_label(float(config.target.accuracy)), float(config.target.accuracy)
+  if config.target.loss:
+    return f"eval loss <= {config.target.loss:g}", float(config.target.loss)
+  raise ValueError("the config sets no target: set target.accuracy or target.loss")
+
+
+def plot(best: Sequence[dict], fitted: dict, b_simple: float, path: str, target) -> None:
   """Log-log steps-to-target against batch size, with the fit and ``B_simple`` marked."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -205,7 +225,7 @@ def plot(best: Sequence[dict], fitted: dict, b_simple: float, path: str, target:
     ax.axvline(b_simple, ls="--", c="C3", label=f"measured B_simple = {b_simple:.0f}")
   ax.axvline(fitted["b_noise"], ls=":", c="C1")
   ax.set_xlabel("global batch size B")
-  ax.set_ylabel(f"steps to {target:.1%} test accuracy")
+  ax.set_ylabel(f"steps to {target_label(target)}")
   ax.legend(fontsize=8)
   ax.grid(True, which="both", lw=0.3)
   fig.tight_layout()
@@ -214,12 +234,13 @@ def plot(best: Sequence[dict], fitted: dict, b_simple: float, path: str, target:
 
 
 def write(workdir: str, rows: Sequence[dict], best: Sequence[dict], fitted: dict | None,
-          b_simple: float, target: float) -> dict:
+          b_simple: float, target) -> dict:
   """Writes ``sweep.csv`` (every run), ``sweep.json`` (runs, best per batch, fit,
-  B_simple) and, with a fit, ``steps_vs_batch.png``; returns the JSON content."""
+  B_simple) and, with a fit, ``steps_vs_batch.png``; returns the JSON content. ``target``
+  is an accuracy (float) or a label such as ``config_target``'s."""
   grid.write_csv(list(rows), os.path.join(workdir, "sweep.csv"))
-  out = {"target_accuracy": target, "runs": list(rows), "best": list(best), "fit": fitted,
-         "b_simple": b_simple}
+  out = {"target": target_label(target), "runs": list(rows), "best": list(best),
+         "fit": fitted, "b_simple": b_simple}
   path = os.path.join(workdir, "sweep.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2, default=lambda x: None)

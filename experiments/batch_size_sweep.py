@@ -3,8 +3,8 @@ r"""Steps-to-target against batch size (Shallue et al.), with the noise scale me
   python -m experiments.batch_size_sweep --config=configs/sweep_mnist1d.py --workdir=DIR
 
 Trains ``config.sweep.batch_sizes`` x ``config.sweep.lr_multipliers`` runs (each stops
-at ``config.target.accuracy``), ``config.sweep.workers`` at a time in separate processes,
-and writes ``sweep.csv``, ``sweep.json`` and ``steps_vs_batch.png`` to DIR: the best LR's
+at ``config.target.accuracy``, or at an eval loss of at most ``config.target.loss``),
+``config.sweep.workers`` at a time in separate processes, and writes ``sweep.csv``, ``sweep.json`` and ``steps_vs_batch.png`` to DIR: the best LR's
 steps per batch size, the fit of S = S_min (1 + B_noise / B) and its B_crit, and the
 measured B_simple. Re-running skips finished runs and resumes unfinished ones.
 """
@@ -29,17 +29,16 @@ def main(argv):
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import sweep  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  if not config.target.accuracy:
-    sys.exit("error: target.accuracy=0 sets no target; set --config.target.accuracy")
   try:
+    label, _ = sweep.config_target(config)
     runs = sweep.plan(config)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
   if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     sys.exit(f"error: --workdir={FLAGS.workdir!r} is a file, not a directory")
   os.makedirs(FLAGS.workdir, exist_ok=True)
   print(f"{len(runs)} runs: batch sizes {tuple(config.sweep.batch_sizes)} x LR multipliers "
-        f"{tuple(config.sweep.lr_multipliers)}, target {config.target.accuracy:.2%}, "
+        f"{tuple(config.sweep.lr_multipliers)}, target {label}, "
         f"{config.sweep.workers} at a time", flush=True)
   rows = sweep.run(runs, FLAGS.workdir, workers=config.sweep.workers,
                    devices=config.sweep.devices_per_worker,
@@ -48,16 +47,22 @@ def main(argv):
   fitted = sweep.fit_steps_model([r["batch_size"] for r in best],
                                  [r["steps"] for r in best]) if len(best) >= 2 else None
   b_simple = sweep.measured_b_simple(best)
-  sweep.write(FLAGS.workdir, rows, best, fitted, b_simple, config.target.accuracy)
-  print("| batch | best LR (x rule) | steps to target | examples to target | B_simple at target |")
+  sweep.write(FLAGS.workdir, rows, best, fitted, b_simple, label)
+  per = best[0]["tokens"] // best[0]["examples"] if best and "tokens" in best[0] else 1
+  unit = " (tokens)" if per > 1 else ""
+  print(f"| batch | best LR (x rule) | steps to target | examples to target{unit} | "
+        "B_simple at target |")
   print("|---|---|---|---|---|")
   for r in best:
+    used = f"{r['examples']}" + (f" ({r['tokens']})" if per > 1 else "")
     print(f"| {r['batch_size']} | {r['learning_rate']:.4g} ({r['lr_multiplier']:g}) | "
-          f"{r['steps']} | {r['examples']} | {r['b_simple']:.0f} |")
+          f"{r['steps']} | {used} | {r['b_simple']:.0f} |")
   if fitted:
+    tokens = (f" = {fitted['e_min'] * per:.3g} tokens, B_crit = "
+              f"{fitted['b_noise'] * per:.3g} tokens" if per > 1 else "")
     print(f"fit S = S_min (1 + B_noise / B): S_min = {fitted['s_min']:.1f} steps, "
           f"E_min = {fitted['e_min']:.0f} examples, B_crit = B_noise = {fitted['b_noise']:.0f} "
-          f"(rmse {fitted['rmse_log']:.3f} in log steps)")
+          f"(rmse {fitted['rmse_log']:.3f} in log steps){tokens}")
     print(f"measured B_simple (median at target) = {b_simple:.0f}; B_crit / B_simple = "
           f"{fitted['b_noise'] / b_simple:.2f}")
   else:

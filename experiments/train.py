@@ -30,10 +30,17 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def _last_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
 def parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
+    if "parsing config file" in str(e):  # get_config() raised: its own last line says why.
+      fail(f"cannot load --config={_config_arg()}: {_last_line(e)}")
     fail(str(e).splitlines()[0] if str(e) else repr(e))
   except (KeyError, AttributeError) as e:  # --config.<key> names no key of the config.
     key = str(e).strip().splitlines()[0].strip("'\"")
@@ -42,14 +49,32 @@ def parse_flags(argv):
          "effjax.config.base_config()")
   except (ValueError, TypeError) as e:
     fail(str(e).strip().splitlines()[0])
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself does not load (a syntax error, an exception on import).
+    fail(f"cannot load --config={_config_arg()}: {type(e).__name__}: {_last_line(e)}")
+
+
+def _config_arg() -> str:
+  return next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+
+
+def load_config():
+  """``FLAGS.config``, or a one-line error (exit 2) for a missing or unloadable file."""
+  try:
+    config = FLAGS.config
+    if config is not None:
+      config.keys()  # A file that failed to load raises only when first read.
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"cannot load --config={_config_arg()}: {_last_line(e.__cause__ or e)}")
+  if config is None:
+    fail("--config is required, e.g. --config=configs/mnist1d_large_batch.py")
+  return config
 
 
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config, --workdir and --config.<key>=<value>")
-  config = FLAGS.config
-  if config is None:
-    fail("--config is required, e.g. --config=configs/mnist1d_large_batch.py")
+  config = load_config()
   # Imported here so that flag errors answer fast, and so jax.distributed can initialise
   # before anything else touches a JAX backend.
   logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch at INFO.

@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices, and one shared data dir built once per session."""
 
 import os
+import tempfile
 
 # Must precede any JAX import: every test runs on 8 simulated CPU devices.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -9,6 +10,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every compiled per-replica function checks that its outputs agree across replicas
 # (effjax.parallel.Runner.compile); the CLI tests' subprocesses inherit it.
 os.environ.setdefault("EFFJAX_CHECK_REPLICATED", "1")
+# Shared compiled fixtures: many tests (and the CLI tests' subprocesses, which inherit the
+# environment) compile the very same steps; JAX's persistent compilation cache, in a
+# directory fresh for each run of the suite (xdist's workers share the run's id), lets
+# them compile each once. Its keys hash the program, options and JAX version, so a hit is
+# the same executable: bitwise results are unchanged.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"effjax-test-jax-cache-{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -18,6 +18,7 @@ SMALL = "--config=configs/mnist1d_large_batch.py:small"
      "optimizer.base_learning_rate=-0.1 must be a positive number"),
     (["--config.schedule.warmup_epochs=50"], "schedule.warmup_epochs=50.0 gives"),
     (["--config.parallel=pjit"], "parallel='pjit' is not one of ('shard_map', 'pmap')"),
+    (["--config.task=lm"], "task='lm' needs a text dataset and model.name='decoder_lm'"),
     (["--config.dataset.name=cifar10", "--config.dataset.num_train_examples=50000",
       "--config.model.name=resnet20", "--config.dataset.data_dir={tmp}/no_data"],
      "dataset 'cifar10' not found: data_dir '{tmp}/no_data' does not exist"),
@@ -33,6 +34,26 @@ def test_bad_config_is_one_line_error_and_workdir_untouched(data_dir, tmp_path, 
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("error: ") and expected.replace("{tmp}", str(tmp_path)) in lines[0]
+  assert snapshot(workdir) == before
+
+
+def test_a_config_file_that_does_not_load_is_one_line_error_exit_2(tmp_path):
+  (tmp_path / "syntax.py").write_text("def get_config(:\n")
+  (tmp_path / "raises.py").write_text("def get_config():\n  raise RuntimeError('no GPU here')\n")
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("keep me")
+  before = snapshot(workdir)
+  cases = {"configs/missing.py": "No such file or directory",
+           str(tmp_path / "syntax.py"): "SyntaxError: ",
+           str(tmp_path / "raises.py"): "RuntimeError: no GPU here",
+           "configs/lm_python_stdlib.py:huge": "size='huge' is not one of ('full', 'small')"}
+  for path, expected in cases.items():
+    proc = run_cli([f"--config={path}", f"--workdir={workdir}"])
+    assert proc.returncode == 2, (path, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: cannot load --config={path}: ") and expected in lines[0]
   assert snapshot(workdir) == before
 
 
