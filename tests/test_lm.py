@@ -223,3 +223,25 @@ def test_lm_with_dropout_and_batch_warmup_resumes_bitwise(data_dir, tmp_path):
                                rtol=1e-5, err_msg=str(r["step"]))
   assert full["eval/bits_per_byte"] == pytest.approx(full["eval/loss"] / math.log(2))
   assert full["baseline/bigram_bits_per_byte"] > 2 and full["tokens"] == full["examples"] * 32
+
+
+def test_adaptive_batch_follows_the_lm_noise_scale(data_dir, tmp_path):
+  """The noise-scale-driven batch works on the LM task: B_simple (over tokens' gradients,
+  per replica) is estimated every step, the batch grows once the estimate has a horizon
+  of data, and the LR follows the square-root rule."""
+  config = lm_config(data_dir, **{"batch_schedule": "adaptive", "noise_scale.enabled": True,
+                                  "noise_scale.decay": 0.5, "adaptive.multiple": 1000.0,
+                                  "adaptive.max_batch_size": 64, "log_every": 1})
+  summary = trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
+  rows = _rows(tmp_path)
+  assert all(np.isfinite(r["noise_scale/b_simple"]) for r in rows)
+  sizes = [r["batch_size"] for r in rows]
+  # The last step is cut to what is left of the 16 base batches (never past the end).
+  assert sizes[:2] == [16, 16] and sizes[:-1] == sorted(sizes[:-1]) and max(sizes) == 64
+  assert summary["final_batch_size"] == 64 and summary["final_step"] == 16
+  schedule = optim.warmup_schedule(config.optimizer.learning_rate, config.num_train_steps,
+                                   config.schedule.warmup_steps, config.schedule.decay)
+  for r in rows:
+    m = r["batch_size"] // config.batch_size
+    np.testing.assert_allclose(r["lr"], float(schedule(r["step"] - m)) * math.sqrt(m),
+                               rtol=1e-5, err_msg=str(r["step"]))
