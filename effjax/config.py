@@ -241,16 +241,8 @@ def _check_task(c) -> None:
     raise ConfigError(f"model.dropout={c.model.dropout!r} must be in [0, 1)")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Checks every value before anything expensive or destructive happens.
-
-  Args:
-    c: the experiment config.
-    num_devices: if given, the global batch must divide evenly over this many devices.
-
-  Raises:
-    ConfigError: with a one-line message naming the bad value and what is allowed.
-  """
+def _check_values(c) -> None:
+  """Keys, choices and the basic sizes and rates."""
   unknown = sorted(set(_flat_keys(c)) - set(_flat_keys(base_config())))
   if unknown:
     raise ConfigError(f"unknown config key {unknown[0]!r}; see effjax.config.base_config() "
@@ -295,6 +287,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         f"optimizer.learning_rate={c.optimizer.learning_rate!r} does not follow "
         f"scaling_rule={c.optimizer.scaling_rule!r} (expected {expected:g} for batch_size="
         f"{c.batch_size}); set optimizer.base_learning_rate instead")
+
+
+def _check_loop(c) -> None:
+  """Accumulation, sweeps, targets, the loop's modes and checkpoints."""
   _check_positive("accum_steps", c.accum_steps, integer=True)
   if not c.sweep.batch_sizes or any(int(b) < 1 for b in c.sweep.batch_sizes):
     raise ConfigError(f"sweep.batch_sizes={tuple(c.sweep.batch_sizes)!r} must be positive "
@@ -319,6 +315,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.checkpoint.every_secs < 0:
     raise ConfigError(f"checkpoint.every_secs={c.checkpoint.every_secs!r} must be >= 0 "
                       "(0: off)")
+
+
+def _check_batch_schedule(c) -> None:
+  """The adaptive batch, the batch warmup and the noise scale."""
   _check_choice("batch_schedule", c.batch_schedule, BATCH_SCHEDULES)
   _check_choice("adaptive.grow", c.adaptive.grow, GROW_MODES)
   _check_positive("adaptive.multiple", c.adaptive.multiple)
@@ -347,6 +347,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         f"noise_scale.enabled with model.norm={c.model.norm!r} needs accum_steps >= 2: "
         "cross-replica statistics leave no per-replica small-batch gradient, so the small "
         "batch is a microbatch of the global batch")
+
+
+def _check_training(c) -> None:
+  """EMA, regularisation, step counts, warmup and data paths."""
   if not 0.0 <= c.ema.decay < 1.0:
     raise ConfigError(f"ema.decay={c.ema.decay!r} must be in [0, 1)")
   _check_positive("ema.base_batch_size", c.ema.base_batch_size)
@@ -371,22 +375,43 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.dataset.data_dir and os.path.exists(c.dataset.data_dir) and not os.path.isdir(
       c.dataset.data_dir):
     raise ConfigError(f"dataset.data_dir={c.dataset.data_dir!r} is a file, not a directory")
+
+
+def _check_devices(c, num_devices: int) -> None:
+  """What must divide evenly over ``num_devices`` devices."""
+  for name in ("batch_size", "eval_batch_size"):
+    if c[name] % num_devices:
+      raise ConfigError(f"{name}={c[name]} is not divisible by the {num_devices} devices; "
+                        f"use a multiple of {num_devices}")
+  if c.model.norm == "group_batch" and num_devices % c.model.bn_group_size:
+    raise ConfigError(f"model.bn_group_size={c.model.bn_group_size} does not divide the "
+                      f"{num_devices} devices; use a divisor of {num_devices}")
+  per_device = c.batch_size // num_devices
+  if per_device % c.accum_steps:
+    raise ConfigError(f"accum_steps={c.accum_steps} does not divide the per-device batch of "
+                      f"{per_device} (batch_size={c.batch_size} over {num_devices} devices)")
+  per_device //= c.accum_steps  # What one BatchNorm call sees.
+  if c.batch_schedule == "adaptive" and num_devices == 1 and c.accum_steps == 1:
+    raise ConfigError("batch_schedule='adaptive' needs the noise scale, which needs two "
+                      "batch sizes: use more than one device or accum_steps > 1")
+  if c.model.norm == "ghost_batch" and per_device % c.model.virtual_batch_size:
+    raise ConfigError(f"model.virtual_batch_size={c.model.virtual_batch_size} does not "
+                      f"divide the per-device microbatch of {per_device}; use a divisor of it")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks every value before anything expensive or destructive happens.
+
+  Args:
+    c: the experiment config.
+    num_devices: if given, the global batch must divide evenly over this many devices.
+
+  Raises:
+    ConfigError: with a one-line message naming the bad value and what is allowed.
+  """
+  _check_values(c)
+  _check_loop(c)
+  _check_batch_schedule(c)
+  _check_training(c)
   if num_devices:
-    for name in ("batch_size", "eval_batch_size"):
-      if c[name] % num_devices:
-        raise ConfigError(f"{name}={c[name]} is not divisible by the {num_devices} devices; "
-                          f"use a multiple of {num_devices}")
-    if c.model.norm == "group_batch" and num_devices % c.model.bn_group_size:
-      raise ConfigError(f"model.bn_group_size={c.model.bn_group_size} does not divide the "
-                        f"{num_devices} devices; use a divisor of {num_devices}")
-    per_device = c.batch_size // num_devices
-    if per_device % c.accum_steps:
-      raise ConfigError(f"accum_steps={c.accum_steps} does not divide the per-device batch of "
-                        f"{per_device} (batch_size={c.batch_size} over {num_devices} devices)")
-    per_device //= c.accum_steps  # What one BatchNorm call sees.
-    if c.batch_schedule == "adaptive" and num_devices == 1 and c.accum_steps == 1:
-      raise ConfigError("batch_schedule='adaptive' needs the noise scale, which needs two "
-                        "batch sizes: use more than one device or accum_steps > 1")
-    if c.model.norm == "ghost_batch" and per_device % c.model.virtual_batch_size:
-      raise ConfigError(f"model.virtual_batch_size={c.model.virtual_batch_size} does not "
-                        f"divide the per-device microbatch of {per_device}; use a divisor of it")
+    _check_devices(c, num_devices)

@@ -682,8 +682,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if run.primary:
     (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2),
                                                       encoding="utf-8")
+    shown = (run.setup.task.headline, "eval/loss", *[k for k in summary if k.startswith(
+        "baseline/")])
     run.progress.message(f"done: step {loop.step}, " + ", ".join(
-        f"{k} {summary[k]:.4f}" for k in dict.fromkeys((run.setup.task.headline, "eval/loss")))
+        f"{k} {summary[k]:.4f}" for k in dict.fromkeys(shown))
         + f", wall time {summary['wall_time_sec']:.1f}s")
   return summary
 

@@ -73,6 +73,34 @@ def main(argv):
   with open(os.path.join(FLAGS.workdir, "summary.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   print(table)
+  plot(rows, os.path.join(FLAGS.workdir, "bits_per_byte_vs_lr.png"))
+
+
+def plot(rows, path: str) -> None:
+  """Eval bits per byte against LR per optimizer, with the small-batch reference and the
+  bigram baseline as horizontal lines."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in FLAGS.optimizers:
+    pts = sorted((r["learning_rate"], r["eval/bits_per_byte"]) for r in rows
+                 if r["variant"].startswith(f"{name}_lr_x"))
+    if pts:
+      b = next(r["batch_size"] for r in rows if r["variant"].startswith(f"{name}_lr_x"))
+      ax.semilogx(*zip(*pts), "o-", label=f"{name}, batch {b}")
+  for r in rows:
+    if r["variant"].startswith("adamw_batch"):
+      ax.axhline(r["eval/bits_per_byte"], ls="--", c="gray",
+                 label=f"adamw, batch {r['batch_size']} (same tokens)")
+  ax.axhline(rows[0]["baseline/bigram_bits_per_byte"], ls=":", c="k", label="bigram")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("eval bits per byte")
+  ax.legend(fontsize=8)
+  ax.grid(True, which="both", lw=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
