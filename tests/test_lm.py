@@ -165,6 +165,19 @@ def test_scanned_layers_equal_unrolled_and_lamb_takes_one_ratio_per_layer(lm_par
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), u_whole[models.STACKED_NAME],
                         u[models.STACKED_NAME])
     assert max(jax.tree.leaves(diff)) > 1e-6, name
+  # From a config: model.scan_layers gives the optimizer the stacked axis, and the default
+  # masks count it out (a stacked LayerNorm scale is [L, d]: neither decay nor ratio).
+  config = lm_config("unused", **{"optimizer.name": "lamb", "model.scan_layers": True,
+                                 "schedule.warmup_epochs": 0.0, "schedule.decay": "constant"})
+  tx, _ = optim.create_optimizer(config, 10)
+  u_cfg, st = tx.update(models.stack_layers(grads, 2), tx.init(stacked), stacked)
+  ref_tx = optim.lamb(config.optimizer.learning_rate, weight_decay=0.1,
+                      stacked=optim.stacked_mask)
+  assert_trees_close(u_cfg, ref_tx.update(models.stack_layers(grads, 2), ref_tx.init(stacked),
+                                          stacked)[0], "config", rtol=1e-6)
+  masks = optim.default_mask(stacked, optim.stacked_mask)
+  assert not masks[models.STACKED_NAME]["norm1"]["scale"]
+  assert masks[models.STACKED_NAME]["mlp_in"]["kernel"] and not masks["position"]
 
 
 def test_python_stdlib_split_is_deterministic_and_recorded(data_dir):
