@@ -58,11 +58,12 @@ def main(argv):
     print(f"| {r['batch_size']} | {r['learning_rate']:.4g} ({r['lr_multiplier']:g}) | "
           f"{r['steps']} | {used} | {r['b_simple']:.0f} |")
   if fitted:
-    tokens = (f" = {fitted['e_min'] * per:.3g} tokens, B_crit = "
-              f"{fitted['b_noise'] * per:.3g} tokens" if per > 1 else "")
     print(f"fit S = S_min (1 + B_noise / B): S_min = {fitted['s_min']:.1f} steps, "
           f"E_min = {fitted['e_min']:.0f} examples, B_crit = B_noise = {fitted['b_noise']:.0f} "
-          f"(rmse {fitted['rmse_log']:.3f} in log steps){tokens}")
+          f"(rmse {fitted['rmse_log']:.3f} in log steps)")
+    if per > 1:
+      print(f"in tokens ({per} per example): E_min = {fitted['e_min'] * per:.3g}, "
+            f"B_crit = {fitted['b_noise'] * per:.3g}")
     print(f"measured B_simple (median at target) = {b_simple:.0f}; B_crit / B_simple = "
           f"{fitted['b_noise'] / b_simple:.2f}")
   else:
