@@ -131,7 +131,11 @@ def _minimal_lm_step(config, runner, spec):
   model = models.create_model(config.model, spec.num_classes, seq_len=config.dataset.seq_len)
   seq = jnp.zeros((1, config.dataset.seq_len), jnp.int32)
   params = model.init(jax.random.key(0), seq)["params"]
-  tx = optax.adamw(config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay)
+  # The same optimizer: AdamW with decay on weight matrices only (the recipe's mask).
+  decay_mask = jax.tree.map(lambda p: p.ndim > 1, params)
+  decay_mask["position"] = False
+  tx = optax.adamw(config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
+                   mask=decay_mask)
   state = (params, tx.init(params))
 
   def step(state, batch):

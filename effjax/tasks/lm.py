@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from effjax.tasks.base import NATS_PER_BIT, LossOutput, Task, apply_train
 
@@ -24,8 +25,8 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   Returns:
     ``(nll_sum, correct_sum, weight_sum)`` in float32.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                        targets.astype(jnp.int32))
   w = weights.astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   return jnp.sum(nll * w), jnp.sum(correct * w), jnp.sum(w)
