@@ -32,27 +32,8 @@ class ConfigError(ValueError):
   """An invalid config value; the message is one line naming the value and what is allowed."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """The full schema with defaults. Experiment configs modify a copy of it."""
-  c = ml_collections.ConfigDict()
-  c.task = "classification"  # Or 'lm': next-token prediction on packed text.
-  c.seed = 0                 # Parameters, data order, augmentation and dropout.
-  c.batch_size = 128          # The global batch, over all devices and processes.
-  c.accum_steps = 1           # Microbatches per step (gradient accumulation).
-  c.accum_loop = "auto"       # 'scan' (lax.scan), 'unroll', or 'auto': unroll on CPU only.
-  c.eval_batch_size = 1024    # Global; the last batch is padded and masked.
-  c.num_epochs = 10.0
-  c.label_smoothing = 0.0
-  c.compute_dtype = "float32"
-  c.parallel = "shard_map"
-  c.transfer_guard = "disallow"  # jax.transfer_guard around the step: implicit transfers fail.
-  c.log_every = 50
-  c.eval_every_epochs = 1.0
-  c.nonfinite = "stop"        # NaN/Inf loss or gradient: 'stop', or 'skip' the update.
-  c.max_consecutive_skips = 10  # 'skip': stop after this many skipped steps in a row.
-  c.restore = "auto"          # 'auto': resume from the workdir's checkpoints; 'ignore':
-                              # start afresh, moving them to checkpoints.replaced/.
-
+def _data_schema(c: ml_collections.ConfigDict) -> None:
+  """Dataset and input pipeline."""
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "mnist1d"
   c.dataset.data_dir = ""     # '' means $TFDS_DATA_DIR or ~/tensorflow_datasets.
@@ -70,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.host_prefetch = 4   # Batches grain prepares ahead.
   c.input.device_prefetch = 2  # Batches placed on the devices ahead of the step.
 
+
+def _model_schema(c: ml_collections.ConfigDict) -> None:
+  """The model and its normalization."""
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn1d"
   c.model.norm = "batch"            # One of effjax.models.NORMS.
@@ -87,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True   # decoder_lm: output projection = token embedding.
   c.model.scan_layers = False     # decoder_lm: blocks under one nn.scan (stacked params).
 
+
+def _optimizer_schema(c: ml_collections.ConfigDict) -> None:
+  """Optimizer, LR schedule and parameter EMA."""
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "momentum"
   c.optimizer.base_learning_rate = 0.1
@@ -126,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_schedule = "fixed"    # 'adaptive': grow the batch with the noise scale;
                                 # 'warmup': ramp it up over batch_warmup.tokens.
+
+
+def _batch_schema(c: ml_collections.ConfigDict) -> None:
+  """Batch schedules, targets, sweeps and the noise scale."""
   c.batch_warmup = ml_collections.ConfigDict()
   c.batch_warmup.final_batch_size = 0  # The batch after the ramp (power-of-2 x batch_size).
   c.batch_warmup.tokens = 0            # Tokens (examples x seq_len; else examples) of ramp.
@@ -155,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.noise_scale.enabled = False  # Estimate the gradient noise scale every step.
   c.noise_scale.decay = 0.99     # Momentum of its two moving averages.
 
+
+def _run_schema(c: ml_collections.ConfigDict) -> None:
+  """Checkpoints, multi-host and dry runs."""
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0   # 0: only at the end.
   c.checkpoint.max_to_keep = 3
@@ -168,6 +162,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.cpu_collectives = "gloo"
 
   c.dry_run_devices = 0  # --dry_run only: size the step for this many devices (0: actual).
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults. Experiment configs modify a copy of it."""
+  c = ml_collections.ConfigDict()
+  c.task = "classification"  # Or 'lm': next-token prediction on packed text.
+  c.seed = 0                 # Parameters, data order, augmentation and dropout.
+  c.batch_size = 128          # The global batch, over all devices and processes.
+  c.accum_steps = 1           # Microbatches per step (gradient accumulation).
+  c.accum_loop = "auto"       # 'scan' (lax.scan), 'unroll', or 'auto': unroll on CPU only.
+  c.eval_batch_size = 1024    # Global; the last batch is padded and masked.
+  c.num_epochs = 10.0
+  c.label_smoothing = 0.0
+  c.compute_dtype = "float32"
+  c.parallel = "shard_map"
+  c.transfer_guard = "disallow"  # jax.transfer_guard around the step: implicit transfers fail.
+  c.log_every = 50
+  c.eval_every_epochs = 1.0
+  c.nonfinite = "stop"        # NaN/Inf loss or gradient: 'stop', or 'skip' the update.
+  c.max_consecutive_skips = 10  # 'skip': stop after this many skipped steps in a row.
+  c.restore = "auto"          # 'auto': resume from the workdir's checkpoints; 'ignore':
+                              # start afresh, moving them to checkpoints.replaced/.
+
+  _data_schema(c)
+  _model_schema(c)
+  _optimizer_schema(c)
+  _batch_schema(c)
+  _run_schema(c)
   derive(c)
   return c
 

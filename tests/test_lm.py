@@ -200,6 +200,16 @@ def test_python_stdlib_split_is_deterministic_and_recorded(data_dir):
   assert total == text.pair_counts(val).sum()
 
 
+def _assert_lr_follows_the_sqrt_rule(config, rows):
+  """Each logged LR is the schedule at the base step before the step, times sqrt(m)."""
+  schedule = optim.warmup_schedule(config.optimizer.learning_rate, config.num_train_steps,
+                                   config.schedule.warmup_steps, config.schedule.decay)
+  for r in rows:
+    m = r["batch_size"] // config.batch_size
+    np.testing.assert_allclose(r["lr"], float(schedule(r["step"] - m)) * math.sqrt(m),
+                               rtol=1e-5, err_msg=str(r["step"]))
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -223,17 +233,12 @@ def test_lm_with_dropout_and_batch_warmup_resumes_bitwise(data_dir, tmp_path):
   for ra, rb in zip(a, b):
     for k in ("train/loss", "lr", "batch_size", "param_norm"):
       assert ra[k] == rb[k], (ra["step"], k)
-  # The batch doubles 16 -> 32 -> 64 at base steps 3 and 7 (thirds of 6 base batches
-  # of tokens... 96 examples in two doublings: one per 48 examples), and the LR is the
+  # The batch doubles 16 -> 32 -> 64 over 6 base batches of tokens (96 examples, two
+  # doublings: one per 48 examples, i.e. at base steps 3 and 7), and the LR is the
   # schedule at the base step times sqrt(m) (AdamW's square-root rule).
   assert [(r["step"], r["batch_size"]) for r in a[:6]] == [(1, 16), (2, 16), (3, 16),
                                                            (5, 32), (7, 32), (11, 64)]
-  schedule = optim.warmup_schedule(config.optimizer.learning_rate, config.num_train_steps,
-                                   config.schedule.warmup_steps, config.schedule.decay)
-  for r in a:
-    m = r["batch_size"] // config.batch_size
-    np.testing.assert_allclose(r["lr"], float(schedule(r["step"] - m)) * math.sqrt(m),
-                               rtol=1e-5, err_msg=str(r["step"]))
+  _assert_lr_follows_the_sqrt_rule(config, a)
   assert full["eval/bits_per_byte"] == pytest.approx(full["eval/loss"] / math.log(2))
   assert full["baseline/bigram_bits_per_byte"] > 2 and full["tokens"] == full["examples"] * 32
 
@@ -252,9 +257,4 @@ def test_adaptive_batch_follows_the_lm_noise_scale(data_dir, tmp_path):
   # The last step is cut to what is left of the 16 base batches (never past the end).
   assert sizes[:2] == [16, 16] and sizes[:-1] == sorted(sizes[:-1]) and max(sizes) == 64
   assert summary["final_batch_size"] == 64 and summary["final_step"] == 16
-  schedule = optim.warmup_schedule(config.optimizer.learning_rate, config.num_train_steps,
-                                   config.schedule.warmup_steps, config.schedule.decay)
-  for r in rows:
-    m = r["batch_size"] // config.batch_size
-    np.testing.assert_allclose(r["lr"], float(schedule(r["step"] - m)) * math.sqrt(m),
-                               rtol=1e-5, err_msg=str(r["step"]))
+  _assert_lr_follows_the_sqrt_rule(config, rows)
