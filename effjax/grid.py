@@ -66,15 +66,22 @@ def run(runs: Sequence[tuple[str, str, int, ml_collections.ConfigDict]], workdir
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         summary = json.load(f)
-      log(f"[{i + 1}/{len(runs)}] {name}: done before, eval accuracy "
-          f"{summary['eval/accuracy']:.4f}")
+      log(f"[{i + 1}/{len(runs)}] {name}: done before, {_headline(summary)}")
     else:
       log(f"[{i + 1}/{len(runs)}] {name}: training")
       summary = trainer.train_and_evaluate(c, d, verbose=False)
-      log(f"[{i + 1}/{len(runs)}] {name}: eval accuracy {summary['eval/accuracy']:.4f}, "
+      log(f"[{i + 1}/{len(runs)}] {name}: {_headline(summary)}, "
           f"{summary['wall_time_sec']:.0f}s")
     rows.append({"run": name, "variant": variant, "seed": seed, **summary})
   return rows
+
+
+def _headline(summary: dict) -> str:
+  """The run's main eval number: bits per byte for an LM, else accuracy, else loss."""
+  for key in ("eval/bits_per_byte", "eval/accuracy", "eval/loss"):
+    if key in summary:
+      return f"{key} {summary[key]:.4f}"
+  return "no eval metrics"
 
 
 def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
