@@ -446,8 +446,14 @@ class _Run:
   def save(self, step: int) -> None:
     # Never checkpoint past a non-finite step: the newest checkpoint stays the last good one.
     _raise_if_nonfinite(self.runner, self.state, self.config)
-    self.checkpointer.save(step, self.runner.unreplicate(self.state).items(),
-                           self.loop.data_state)
+    items = self.runner.unreplicate(self.state).items()
+    if items["batch_size_state"]:
+      # The multiplier the *next* step uses (the adapt phase may have just changed it), not
+      # the last step's: a run resumed from here continues with the batch it would have had.
+      items["batch_size_state"] = items["batch_size_state"]._replace(
+          multiplier=jax.make_array_from_callback(
+              (), self.runner.replicated, lambda _: np.int32(self.loop.multiplier)))
+    self.checkpointer.save(step, items, self.loop.data_state)
     self.loop.last_save_time = time.monotonic()
 
   def close(self) -> None:
