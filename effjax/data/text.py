@@ -5,8 +5,10 @@ Tokens are bytes shifted by 2: ``PAD = 0``, ``BOS = 1`` (starts every document),
 ``[BOS, doc 1..., BOS, doc 2..., ...]``, cut into windows of ``L + 1`` tokens at stride
 ``L`` (``PackedSource``): sequence ``k`` predicts stream tokens ``kL+1 .. kL+L`` from
 ``kL .. kL+L-1``, so every pair of neighbouring stream tokens is a prediction exactly once.
-Segment ids and positions restart at each document inside a window; a pair whose two
-tokens belong to different documents (or padding) has weight 0. Packing is index
+Segment ids and positions restart at each document inside a window, and at the window's
+start for a document continued from the previous window (T5-style packing: the
+continuation attends only within its window); a pair whose two tokens belong to different
+documents (or padding) has weight 0. Packing is index
 arithmetic over the stream, so the grain pipeline shuffles and checkpoints sequence
 indices exactly as it does records.
 """
