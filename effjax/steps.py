@@ -249,18 +249,18 @@ def _update(state: TrainState, grads, lr):
 
 def _guards(state: TrainState, loss, grad_norm, update_norm, nonfinite: str,
             max_consecutive_skips: int):
-  """``(ok, skips, stop_now)``: whether to apply this step's update, the skip counters,
-  and whether training must stop at this step (see ``train_step``'s ``nonfinite``)."""
+  """``(skips, stop_now)``: the skip counters, and whether training must stop at this
+  step (see ``train_step``'s ``nonfinite``). Whether the update is applied is decided in
+  ``_apply_or_keep``."""
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-  ok = finite & (state.nonfinite_step < 0)
   skips = state.skips
   if nonfinite == "skip":
     bad = ~finite
     skips = SkipCounts(total=skips.total + bad.astype(jnp.int32),
                        consecutive=jnp.where(bad, skips.consecutive + 1, 0))
-    return ok, skips, skips.consecutive >= max_consecutive_skips
+    return skips, skips.consecutive >= max_consecutive_skips
   if nonfinite == "stop":
-    return ok, skips, ~finite
+    return skips, ~finite
   raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
 
 
@@ -444,8 +444,8 @@ def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
                          b * n, noise_scale_decay)
   applied, update_norm = _apply_or_keep(state, grads, lr, loss, grad_norm, batch_stats, noise,
                                         ema_decay)
-  ok, skips, stop_now = _guards(state, loss, grad_norm, update_norm, nonfinite,
-                                max_consecutive_skips)
+  skips, stop_now = _guards(state, loss, grad_norm, update_norm, nonfinite,
+                            max_consecutive_skips)
   new_state = state.replace(
       step=state.step + 1, **applied, batch_size_state=size_state, skips=skips,
       nonfinite_step=jnp.where(stop_now & (state.nonfinite_step < 0), state.step,

@@ -146,8 +146,7 @@ class PackedSource:
     doc = np.where(valid, self.doc_ids[safe], -1)
     seg = np.where(valid[:, :-1], doc[:, :-1] - doc[:, :1] + 1, 0).astype(np.int32)
     j = np.arange(self.seq_len)
-    start = (j == 0) | np.concatenate([np.ones_like(seg[:, :1], bool),
-                                       seg[:, 1:] != seg[:, :-1]], axis=1)
+    start = np.concatenate([np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     positions = j - np.maximum.accumulate(np.where(start, j, 0), axis=1)
     weights = (valid[:, 1:] & (doc[:, 1:] == doc[:, :-1])).astype(np.float32)
     return {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": seg,

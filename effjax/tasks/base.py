@@ -14,7 +14,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 
 
 class LossOutput(NamedTuple):
