@@ -18,14 +18,16 @@ from effjax.distributed import INITIALIZE_MODES
 from effjax.models import CONVS, MODELS, NORMS, cross_replica_statistics
 from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
                           ema_decay_for_batch, scale_learning_rate)
+from effjax.losses import SIGMOID_IMPLS
 from effjax.parallel import PARALLEL_MODES
 from effjax.steps import NONFINITE_MODES
-from effjax.tasks import TASKS
+from effjax.tasks import CONTRASTIVE_LOSSES, NEGATIVES, TASKS
 
 RESTORE_MODES = ("auto", "ignore")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+CONTRASTIVE_MODEL = "cnn1d_contrastive"
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,15 @@ def _model_schema(c: ml_collections.ConfigDict) -> None:
   c.model.dropout = 0.0           # decoder_lm: attention and residual dropout.
   c.model.tie_embeddings = True   # decoder_lm: output projection = token embedding.
   c.model.scan_layers = False     # decoder_lm: blocks under one nn.scan (stacked params).
+  c.model.projection_widths = (256, 128)  # cnn1d_contrastive: the projection head's MLP.
+
+  c.contrastive = ml_collections.ConfigDict()  # task='contrastive' only.
+  c.contrastive.loss = "nt_xent"      # SimCLR's NT-Xent, or SigLIP's 'sigmoid'.
+  c.contrastive.temperature = 0.1     # nt_xent's tau.
+  c.contrastive.negatives = "global"  # All replicas' examples, or 'local' (the bug).
+  c.contrastive.sigmoid_impl = "ring"  # 'ring' (ppermute, b x b memory) or 'all_gather'.
+  c.contrastive.probe_examples = 4000  # Labelled train rows the linear probe / kNN fit on.
+  c.contrastive.knn_k = 20
 
 
 def _optimizer_schema(c: ml_collections.ConfigDict) -> None:
@@ -167,7 +178,7 @@ def _run_schema(c: ml_collections.ConfigDict) -> None:
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults. Experiment configs modify a copy of it."""
   c = ml_collections.ConfigDict()
-  c.task = "classification"  # Or 'lm': next-token prediction on packed text.
+  c.task = "classification"  # 'lm': next-token prediction on packed text; 'contrastive'.
   c.seed = 0                 # Parameters, data order, augmentation and dropout.
   c.batch_size = 128          # The global batch, over all devices and processes.
   c.accum_steps = 1           # Microbatches per step (gradient accumulation).
@@ -253,14 +264,41 @@ def _check_task(c) -> None:
   if c.task == "lm" and not (text and lm_model):
     raise ConfigError(f"task='lm' needs a text dataset and model.name='decoder_lm' (got "
                       f"dataset.name={c.dataset.name!r}, model.name={c.model.name!r})")
-  if c.task == "classification" and (text or lm_model):
+  if c.task == "classification" and (text or lm_model or c.model.name == CONTRASTIVE_MODEL):
     raise ConfigError(f"task='classification' cannot use dataset.name={c.dataset.name!r} / "
-                      f"model.name={c.model.name!r}; use task='lm'")
+                      f"model.name={c.model.name!r}; use task='lm' or 'contrastive'")
+  if c.task == "contrastive":
+    _check_contrastive(c)
   if text and not (isinstance(c.dataset.seq_len, int) and c.dataset.seq_len > 0):
     raise ConfigError(f"dataset.seq_len={c.dataset.seq_len!r} must be a positive integer "
                       f"for the text dataset {c.dataset.name!r}")
   if not 0.0 <= c.model.dropout < 1.0:
     raise ConfigError(f"model.dropout={c.model.dropout!r} must be in [0, 1)")
+
+
+def _check_contrastive(c) -> None:
+  if not (c.dataset.name == "mnist1d" and c.model.name == CONTRASTIVE_MODEL):
+    raise ConfigError(f"task='contrastive' needs dataset.name='mnist1d' (its views use "
+                      f"mnist1d's transforms) and model.name={CONTRASTIVE_MODEL!r} (got "
+                      f"{c.dataset.name!r}, {c.model.name!r})")
+  _check_choice("contrastive.loss", c.contrastive.loss, CONTRASTIVE_LOSSES)
+  _check_choice("contrastive.negatives", c.contrastive.negatives, NEGATIVES)
+  _check_choice("contrastive.sigmoid_impl", c.contrastive.sigmoid_impl, SIGMOID_IMPLS)
+  _check_positive("contrastive.temperature", c.contrastive.temperature)
+  _check_positive("contrastive.knn_k", c.contrastive.knn_k, integer=True)
+  if not 0 < c.contrastive.probe_examples <= c.dataset.num_train_examples:
+    raise ConfigError(f"contrastive.probe_examples={c.contrastive.probe_examples!r} must be "
+                      f"in [1, dataset.num_train_examples={c.dataset.num_train_examples}]")
+  if c.target.accuracy or c.target.loss:
+    raise ConfigError("task='contrastive' has no steps-to-target (target.accuracy, "
+                      "target.loss); set both to 0")
+
+
+def _cross_replica_loss(c) -> bool:
+  """Whether a replica's gradient reads other replicas' examples: cross-replica BN
+  statistics, or global negatives."""
+  return (cross_replica_statistics(c.model.norm, c.model.bcn_estimated) or
+          (c.task == "contrastive" and c.contrastive.negatives == "global"))
 
 
 def _check_values(c) -> None:
@@ -363,12 +401,11 @@ def _check_batch_schedule(c) -> None:
                       "noise_scale.enabled=True")
   if not 0.0 <= c.noise_scale.decay < 1.0:
     raise ConfigError(f"noise_scale.decay={c.noise_scale.decay!r} must be in [0, 1)")
-  if (c.noise_scale.enabled and c.accum_steps < 2 and
-      cross_replica_statistics(c.model.norm, c.model.bcn_estimated)):
+  if c.noise_scale.enabled and c.accum_steps < 2 and _cross_replica_loss(c):
     raise ConfigError(
-        f"noise_scale.enabled with model.norm={c.model.norm!r} needs accum_steps >= 2: "
-        "cross-replica statistics leave no per-replica small-batch gradient, so the small "
-        "batch is a microbatch of the global batch")
+        f"noise_scale.enabled with model.norm={c.model.norm!r}, task={c.task!r} needs "
+        "accum_steps >= 2: cross-replica statistics (BN) or negatives leave no per-replica "
+        "small-batch gradient, so the small batch is a microbatch of the global batch")
 
 
 def _check_training(c) -> None:

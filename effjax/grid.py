@@ -78,7 +78,7 @@ def run(runs: Sequence[tuple[str, str, int, ml_collections.ConfigDict]], workdir
 
 def _headline(summary: dict) -> str:
   """The run's main eval number: bits per byte for an LM, else accuracy, else loss."""
-  for key in ("eval/bits_per_byte", "eval/accuracy", "eval/loss"):
+  for key in ("eval/bits_per_byte", "eval/linear_probe_accuracy", "eval/accuracy", "eval/loss"):
     if key in summary:
       return f"{key} {summary[key]:.4f}"
   return "no eval metrics"

@@ -110,7 +110,8 @@ class Progress:
     line = (f"[{bar}] step {step}/{self.total} | {steps_per_sec:.2f} steps/s | "
             f"{steps_per_sec * self.batch_size:.0f} ex/s | "
             f"loss {_to_float(scalars['train/loss']):.4f} | "
-            f"acc {_to_float(scalars['train/accuracy']):.4f} | "
+            + "".join(f"{short} {_to_float(scalars[key]):.4f} | " for key, short in (
+                ("train/accuracy", "acc"), ("train/alignment", "align")) if key in scalars) +
             f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}{extra}")
     if self.tty:
       self.stream.write("\r" + line + "\033[K")

@@ -149,6 +149,25 @@ class Runner:
     return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)),
                                  out_specs=P(), check_vma=False), donate_argnums=donate)
 
+  def compile_rows(self, fn: Callable) -> Callable:
+    """Compiles ``fn(state, batch) -> per-row outputs`` to run once per replica; the
+    outputs stay split over the devices like the batch (read them with
+    ``rows_to_host``)."""
+    if self.mode == "pmap":
+      return jax.pmap(fn, axis_name=DATA_AXIS)
+    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)),
+                                 out_specs=P(DATA_AXIS), check_vma=False))
+
+  def rows_to_host(self, tree: Any) -> Any:
+    """Outputs of ``compile_rows`` -> numpy, all processes' rows in global order."""
+    def get(x):
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        x = multihost_utils.process_allgather(x, tiled=True)
+      x = np.asarray(x)
+      return x.reshape((-1,) + x.shape[2:]) if self.mode == "pmap" else x
+    return jax.tree.map(get, tree)
+
   def replicate(self, tree: Any) -> Any:
     """Host or device values (identical on all processes) -> replicated device state."""
     def put(x):

@@ -460,3 +460,9 @@ def eval_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION):
   ``batch['mask']`` is 0 on padding rows, which therefore count nowhere.
   """
   return jax.lax.psum(task.eval_sums(state.apply_fn, state.variables(), batch), DATA_AXIS)
+
+
+def eval_rows_step(state: TrainState, batch: dict, task: Task):
+  """The task's per-row eval outputs (``Task.eval_rows``) and ``mask``, for this
+  replica's rows (``Runner.compile_rows`` concatenates them over the replicas)."""
+  return {**task.eval_rows(state.apply_fn, state.variables(), batch), "mask": batch["mask"]}

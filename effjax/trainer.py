@@ -89,6 +89,7 @@ class Setup:
   train_source: Any = None
   eval_source: Any = None
   task: tasks.Task = tasks.CLASSIFICATION
+  compiled: dict = dataclasses.field(default_factory=dict)  # Eval functions, compiled once.
 
 
 def _dtype(config) -> Any:
@@ -140,12 +141,18 @@ def load_data(config, runner: Runner):
   return spec, train, evals
 
 
-def preprocess_fns(config, spec: data_lib.DatasetSpec):
+def preprocess_fns(config, spec: data_lib.DatasetSpec, task: Optional[tasks.Task] = None):
+  """The train and eval host preprocessing: the dataset's, then the task's
+  (``Task.preprocess``, e.g. a contrastive task's two views)."""
   augment = spec.augment if config.input.augment == "default" else config.input.augment
   image_size = spec.input_shape[0] if spec.input_shape else 0
   kw = dict(augment=augment, image_size=image_size, mean=spec.mean, std=spec.std)
-  return (data_lib.make_preprocess_fn(spec.kind, train=True, **kw),
-          data_lib.make_preprocess_fn(spec.kind, train=False, **kw))
+  train = data_lib.make_preprocess_fn(spec.kind, train=True, **kw)
+  evals = data_lib.make_preprocess_fn(spec.kind, train=False, **kw)
+  if task is None or type(task).preprocess is tasks.Task.preprocess:
+    return train, evals
+  return (lambda b, r: task.preprocess(train(b, r), r, True),
+          lambda b, r: task.preprocess(evals(b, r), r, False))
 
 
 def build(config, with_data: bool = True, runner: Optional[Runner] = None,
@@ -166,8 +173,9 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None,
     spec, train, evals = data_lib.get_spec(config.dataset.name), None, None
   task = task or tasks.create_task(config)
   if model is None:
-    model = models.create_model(config.model, spec.num_classes, _dtype(config),
-                                seq_len=config.dataset.seq_len)
+    model = models.create_model(
+        config.model, spec.num_classes, _dtype(config), seq_len=config.dataset.seq_len,
+        logit_params=config.task == "contrastive" and config.contrastive.loss == "sigmoid")
   tx, schedule = optim.create_optimizer(config, config.num_train_steps, inject_lr=True)
   noise_scale = config.noise_scale.enabled
   if noise_scale and num_devices == 1 and config.accum_steps == 1:
@@ -193,16 +201,43 @@ def evaluate(setup: Setup, device_state, eval_fn=None, prefix: str = "eval") -> 
   LM: ``accuracy``, ``bits_per_byte``)."""
   runner, config = setup.runner, setup.config
   eval_fn = eval_fn or compile_eval(setup)
-  _, pre = preprocess_fns(config, setup.spec)
   totals = None
-  for batch in data_lib.eval_batches(setup.eval_source, pre,
-                                     global_batch_size=config.eval_batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for batch in _eval_batches(setup, setup.eval_source):
     sums = eval_fn(device_state, runner.shard_batch(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.tree.map(lambda x: np.asarray(x, np.float64), runner.to_host(totals))
-  return {f"{prefix}/{k}": v for k, v in setup.task.eval_metrics(totals).items()}
+  out = setup.task.eval_metrics(totals)
+  if setup.task.probe_examples:
+    out.update(_probe_metrics(setup, device_state))
+  return {f"{prefix}/{k}": v for k, v in out.items()}
+
+
+def _eval_batches(setup: Setup, source):
+  """This process's shares of the global eval batches covering ``source``."""
+  _, pre = preprocess_fns(setup.config, setup.spec, setup.task)
+  return data_lib.eval_batches(source, pre, global_batch_size=setup.config.eval_batch_size,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+
+
+def _probe_metrics(setup: Setup, device_state) -> dict:
+  """``Task.rows_metrics`` of the task's per-row eval outputs on its first
+  ``probe_examples`` train rows and on the eval split (padding rows dropped)."""
+  if "rows" not in setup.compiled:
+    setup.compiled["rows"] = setup.runner.compile_rows(functools.partial(
+        steps.eval_rows_step, task=setup.task))
+  rows_fn, runner = setup.compiled["rows"], setup.runner
+
+  def collect(source):
+    parts = []
+    parts = [runner.rows_to_host(rows_fn(device_state, runner.shard_batch(batch)))
+             for batch in _eval_batches(setup, source)]
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    keep = rows.pop("mask") > 0
+    return {k: v[keep] for k, v in rows.items()}
+
+  head = data_lib.Head(setup.train_source, setup.task.probe_examples)  # In stored order.
+  return setup.task.rows_metrics(collect(head), collect(setup.eval_source))
 
 
 def evaluate_all(setup: Setup, device_state, eval_fn=None) -> dict:
@@ -252,10 +287,11 @@ def make_train_step(config, multiplier: int = 1, task: Optional[tasks.Task] = No
   grows by it (``adaptive.grow``), the LR by the scaling rule, and the parameter EMA's
   momentum follows the EMA scaling rule (``decay ** multiplier``)."""
   accum = config.accum_steps
+  task = task or tasks.create_task(config)
   if multiplier > 1 and config.adaptive.grow == "accumulate":
     accum *= multiplier
   return functools.partial(
-      steps.train_step, task=task or tasks.create_task(config),
+      steps.train_step, task=task,
       ema_decay=config.ema.scaled_decay ** multiplier if config.ema.enabled else 0.0,
       accum_steps=accum, noise_scale_decay=config.noise_scale.decay,
       batch_multiplier=multiplier,
@@ -264,8 +300,8 @@ def make_train_step(config, multiplier: int = 1, task: Optional[tasks.Task] = No
       lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule),
       max_learning_rate=config.adaptive.max_learning_rate,
       nonfinite=config.nonfinite, max_consecutive_skips=config.max_consecutive_skips,
-      noise_small_batch=("microbatch" if models.cross_replica_statistics(
-          config.model.norm, config.model.bcn_estimated) else "replica"),
+      noise_small_batch=("microbatch" if (task.cross_replica or models.cross_replica_statistics(
+          config.model.norm, config.model.bcn_estimated)) else "replica"),
       seed=config.seed)
 
 
@@ -427,7 +463,7 @@ class _Run:
 
   def _input_stream(self, data_state):
     config = self.config
-    train_pre, _ = preprocess_fns(config, self.setup.spec)
+    train_pre, _ = preprocess_fns(config, self.setup.spec, self.setup.task)
     ds = data_lib.train_dataset(
         self.setup.train_source, train_pre, global_batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(),
@@ -691,20 +727,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     shown = (run.setup.task.headline, "eval/loss", *[k for k in summary if k.startswith(
         "baseline/")])
     run.progress.message(f"done: step {loop.step}, " + ", ".join(
-        f"{k} {summary[k]:.4f}" for k in dict.fromkeys(shown))
+        f"{k} {summary[k]:.4f}" for k in dict.fromkeys(shown) if k in summary)
         + f", wall time {summary['wall_time_sec']:.1f}s")
   return summary
 
 
-def example_batch(spec: data_lib.DatasetSpec, config, rows: int) -> dict:
+def example_batch(spec: data_lib.DatasetSpec, config, rows: int,
+                  task: Optional[tasks.Task] = None) -> dict:
   """A model-ready train batch of ``rows`` rows with the shapes and dtypes the pipeline
-  gives (zeros; text: rows of one packed sequence)."""
+  gives (zeros; text: rows of one packed sequence; after ``task.preprocess``)."""
   if spec.kind == "text":
     seq_len = config.dataset.seq_len
     stream = data_lib.encode([b"x" * seq_len])
     return data_lib.PackedSource(stream, seq_len).gather(np.zeros(rows, np.int64))
-  return {"input": np.zeros((rows,) + tuple(spec.input_shape), np.float32),
-          "label": np.zeros((rows,), np.int32)}
+  batch = {"input": np.zeros((rows,) + tuple(spec.input_shape), np.float32),
+           "label": np.zeros((rows,), np.int32)}
+  return task.preprocess(batch, np.random.default_rng(0), True) if task else batch
 
 
 def _sizing_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -740,7 +778,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   per_device = config.batch_size // n
   state = setup.state.replace(**runner.replicate(setup.state.items()))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=runner.sharded),
-                       example_batch(setup.spec, config, per_device))
+                       example_batch(setup.spec, config, per_device, setup.task))
   fn = runner.compile(make_train_step(config), check_replicated=False)
   compiled = fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()

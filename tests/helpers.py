@@ -57,6 +57,33 @@ def lm_config(data_dir, **overrides):
   return with_overrides(derive(c), overrides)
 
 
+def contrastive_config(data_dir, **overrides):
+  """A seconds-long SimCLR config: mnist1d (4000 train rows), a (8, 16) trunk, a 32-16
+  head, sync BN, LARS, batch 128 (16 per device), the probe on 1000 train rows."""
+  c = base_config()
+  c.task = "contrastive"
+  c.dataset.name = "mnist1d"
+  c.dataset.data_dir = data_dir
+  c.dataset.num_examples = 5000
+  c.dataset.num_train_examples = 4000
+  c.input.augment = "none"
+  c.model.name = "cnn1d_contrastive"
+  c.model.norm = "sync_batch"
+  c.model.widths = (8, 16)
+  c.model.projection_widths = (32, 16)
+  c.contrastive.temperature = 0.2
+  c.contrastive.probe_examples = 1000
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.num_epochs = 1.0
+  c.optimizer.name = "lars"
+  c.optimizer.base_learning_rate = 0.3
+  c.optimizer.weight_decay = 1e-6
+  c.schedule.warmup_epochs = 0.5
+  c.log_every = 10
+  return with_overrides(derive(c), overrides)
+
+
 def run_cli(args, env_extra=None, devices=8, timeout=600, module="experiments.train"):
   """Runs ``python -m MODULE ARGS`` from the repo root; returns the process."""
   env = dict(os.environ)

@@ -48,6 +48,15 @@ ADAPTIVE = BASE + ["--config.num_epochs=3", "--config.batch_schedule=adaptive",
                    "--config.adaptive.max_batch_size=512",
                    "--config.adaptive.max_learning_rate=0.3"]
 ADAPTIVE_TOTAL = 93
+# SimCLR: two views per example drawn in the input pipeline, global negatives, sync BN,
+# LARS; 31 steps of 128, a checkpoint every 3 steps and a metrics row every step.
+CONTRASTIVE = ["--config=configs/simclr_mnist1d.py:small", "--config.dataset.num_examples=5000",
+               "--config.num_epochs=1", "--config.log_every=1", "--config.batch_size=128",
+               "--config.eval_batch_size=256", "--config.model.widths=(8,16)",
+               "--config.model.projection_widths=(32,16)", "--config.eval_every_epochs=1",
+               "--config.contrastive.probe_examples=500", "--config.schedule.warmup_epochs=0.2",
+               "--config.checkpoint.every_steps=3"]
+CONTRASTIVE_TOTAL = 31
 
 
 def _cli(args, workdir, data_dir, env=None, devices=8):
@@ -110,7 +119,7 @@ def _assert_same_run(a, b, msg=""):
 def reference(data_dir, tmp_path_factory):
   """Uninterrupted CLI runs of BASE and ADAPTIVE."""
   out = {}
-  for name, args in (("base", BASE), ("adaptive", ADAPTIVE)):
+  for name, args in (("base", BASE), ("adaptive", ADAPTIVE), ("contrastive", CONTRASTIVE)):
     workdir = str(tmp_path_factory.mktemp(f"ref_{name}"))
     proc = _cli(args, workdir, data_dir)
     _, err = proc.communicate(timeout=600)
@@ -122,12 +131,14 @@ def reference(data_dir, tmp_path_factory):
 # --- 1. exact resume after SIGKILL ---------------------------------------------------------
 
 @pytest.mark.parametrize("name, args, total", [("base", BASE, TOTAL),
-                                               ("adaptive", ADAPTIVE, ADAPTIVE_TOTAL)])
+                                               ("adaptive", ADAPTIVE, ADAPTIVE_TOTAL),
+                                               ("contrastive", CONTRASTIVE, CONTRASTIVE_TOTAL)])
 def test_sigkill_at_random_steps_resumes_bitwise(reference, data_dir, tmp_path, name, args,
                                                  total):
   """Killed twice at random steps (mid-step, mid-save or mid-log), re-run each time: the
   final parameters, optimizer, BN, EMA, noise-scale and batch-size state, the data position
-  and every logged metric equal the uninterrupted run's, bit for bit."""
+  and every logged metric equal the uninterrupted run's, bit for bit (for the contrastive
+  run, that needs both augmented views replayed exactly)."""
   kills = sorted(RNG.sample(range(2, total - 4), 2))
   msg = f"seed {SEED}, {name}, SIGKILL after steps {kills}"
   workdir = str(tmp_path / "run")

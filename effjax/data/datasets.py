@@ -157,6 +157,21 @@ class ArraySource:
     return {k: v[indices] for k, v in self.arrays.items()}
 
 
+class Head:
+  """The first ``n`` records of a random-access source (e.g. a probe's labelled subset)."""
+
+  def __init__(self, source: Any, n: int):
+    if not 0 < n <= len(source):
+      raise ValueError(f"Head of {n} records from a source of {len(source)}")
+    self.source, self._len = source, int(n)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def gather(self, indices: np.ndarray) -> dict[str, Any]:
+    return self.source.gather(np.asarray(indices))
+
+
 class RecordSource:
   """A split read by random access from array_record files, decoded per record."""
 

@@ -68,6 +68,42 @@ def random_shift_noise(x: np.ndarray, rng: Rngs, max_shift: int = 4,
   return (np.take_along_axis(x, idx, axis=1) + noise * eps).astype(np.float32)
 
 
+def mnist1d_view(x: np.ndarray, rng: Rngs, max_shift: int = 8, scale_coeff: float = 0.4,
+                 shear_scale: float = 0.75, corr_noise_scale: float = 0.25,
+                 iid_noise_scale: float = 0.02) -> np.ndarray:
+  """One random view of 1-D signals ``[b, length]`` from mnist1d's own transforms, in its
+  order: scale by ``1 + scale_coeff * (u - 1/2)``, circular translation by
+  ``-max_shift..max_shift``, correlated noise (``corr_noise_scale`` times Gaussian noise
+  smoothed with sigma 2) and iid noise, then a linear shear of slope
+  ``shear_scale * (u - 1/2)``. The defaults are mnist1d's generator arguments; the
+  translation is in positions of the final 40-sample signal.
+
+  ``rng`` is one generator per row (the pipeline's) or one for the batch; a row's view
+  depends only on its generator, so a resumed run replays it exactly.
+
+  References:
+    Greydanus 2020, arXiv:2011.14439 (mnist1d's transforms; ``mnist1d.transform``).
+  """
+  from scipy.ndimage import gaussian_filter1d  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float32)
+  b, n = x.shape[:2]
+
+  def draws(r, k):
+    size = (k,) if k is not None else ()
+    return np.concatenate([np.stack([r.random(size), r.integers(-max_shift, max_shift + 1, size),
+                                     r.random(size)], -1),
+                           r.standard_normal(size + (2 * n,))], -1)
+
+  d = _draw(rng, b, draws)
+  scale, shift, shear = d[:, 0], d[:, 1].astype(np.int64), d[:, 2]
+  corr, iid = d[:, 3:3 + n], d[:, 3 + n:]
+  x = x * (1.0 + scale_coeff * (scale[:, None] - 0.5))
+  x = np.take_along_axis(x, (np.arange(n)[None, :] - shift[:, None]) % n, axis=1)
+  x = x + gaussian_filter1d(corr_noise_scale * corr, 2.0, axis=-1) + iid_noise_scale * iid
+  x = x - shear_scale * (shear[:, None] - 0.5) * np.linspace(-0.5, 0.5, n)[None, :]
+  return x.astype(np.float32)
+
+
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))

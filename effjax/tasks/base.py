@@ -66,6 +66,30 @@ class Task:
     out["count"] = int(sums["count"])
     return out
 
+  #: Whether one replica's loss reads other replicas' examples (a collective inside the
+  #: loss). Its per-replica gradient is then no small-batch gradient, so the noise scale
+  #: uses microbatches of all replicas (``train_step``'s ``noise_small_batch``).
+  cross_replica: bool = False
+  #: > 0: evaluation also runs ``eval_rows`` on this many labelled train rows (the first
+  #: ones) and on the eval split, and ``rows_metrics`` turns them into metrics.
+  probe_examples: int = 0
+
+  def preprocess(self, batch: dict, rngs, train: bool) -> dict:
+    """Maps the dataset's preprocessed host batch to what ``loss`` (``train``) or
+    ``eval_sums`` reads, with the pipeline's per-row generators (default: unchanged)."""
+    del rngs, train
+    return batch
+
+  def eval_rows(self, apply_fn: Callable, variables: dict, batch: dict) -> dict:
+    """Per-row eval outputs (e.g. features) for ``rows_metrics``; only with
+    ``probe_examples > 0``."""
+    raise NotImplementedError
+
+  def rows_metrics(self, train_rows: dict, eval_rows: dict) -> dict:
+    """Metrics from ``eval_rows`` of the probe's train rows and of the eval split (on the
+    host, padding rows removed)."""
+    raise NotImplementedError
+
   def reference_metrics(self, train_source: Any, eval_source: Any) -> dict:
     """Baselines computed from the data alone, written to ``summary.json`` (default none)."""
     del train_source, eval_source

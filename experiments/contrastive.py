@@ -1,0 +1,132 @@
+r"""Contrastive pretraining experiments: linear probe against batch size, global against
+local negatives, and the supervised CNN on the same labels.
+
+  python -m experiments.contrastive --config=configs/simclr_mnist1d.py:small --workdir=DIR \
+      [--batch_sizes=128,256,512,1024,2048,4096] [--lr_multipliers=0.5,1,2] \
+      [--local_batch_sizes=128,512,4096] [--supervised]
+
+(a) For each batch size and LR multiplier, SimCLR with the config's epochs and
+    ``optimizer.base_learning_rate`` times the multiplier (the linear rule from there).
+(b) For each of ``--local_batch_sizes``, the same run (multiplier 1) with
+    ``contrastive.negatives='local'``.
+(c) With ``--supervised``: the same trunk trained as a classifier (``cnn1d``, LARS, the
+    dataset's shift-and-noise augmentation, the same epochs and batch) on the probe's
+    labelled rows only, and on all train labels.
+Writes ``runs.csv``, ``summary.md`` and ``probe_vs_batch.png`` to DIR; re-running skips
+finished runs (``effjax.grid``).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A contrastive config (task='contrastive').")
+flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
+flags.DEFINE_list("batch_sizes", ["128", "256", "512", "1024", "2048", "4096"],
+                  "(a) global batch sizes.")
+flags.DEFINE_list("lr_multipliers", ["0.5", "1", "2"], "(a) times the config's base LR.")
+flags.DEFINE_list("local_batch_sizes", ["128", "512", "4096"],
+                  "(b) batch sizes also run with negatives='local'.")
+flags.DEFINE_bool("supervised", True, "(c) the supervised CNN on the same labels.")
+
+COLUMNS = [("linear probe", "eval/linear_probe_accuracy", ".4f"),
+           ("kNN", "eval/knn_accuracy", ".4f"),
+           ("supervised test acc", "eval/accuracy", ".4f"),
+           ("raw-signal probe", "baseline/raw_linear_probe_accuracy", ".4f"),
+           ("LR", "learning_rate", ".3g"), ("batch", "batch_size", ".0f"),
+           ("steps", "final_step", ".0f"), ("wall time (s)", "wall_time_sec", ".0f")]
+
+
+def _supervised(config, labelled: int) -> dict:
+  """The trunk as a supervised classifier (the LARS recipe of mnist1d_large_batch.py)."""
+  out = {"task": "classification", "model.name": "cnn1d", "model.norm": "batch",
+         "input.augment": "default", "optimizer.base_learning_rate": 2.0,
+         "optimizer.weight_decay": 5e-4, "schedule.decay": "poly"}
+  if labelled < config.dataset.num_train_examples:
+    out.update({"dataset.train_split": f"train[:{labelled}]",
+                "dataset.num_train_examples": labelled})
+  return out
+
+
+def variants(config) -> dict:
+  out = {}
+  base_lr = config.optimizer.base_learning_rate
+  for b in map(int, FLAGS.batch_sizes):
+    for m in FLAGS.lr_multipliers:
+      out[f"b{b}_lr_x{m}"] = {"batch_size": b, "optimizer.base_learning_rate": base_lr * float(m)}
+  for b in map(int, FLAGS.local_batch_sizes):
+    out[f"b{b}_local"] = {"batch_size": b, "contrastive.negatives": "local"}
+  if FLAGS.supervised:
+    probe = config.contrastive.probe_examples
+    out[f"supervised_{probe}_labels"] = _supervised(config, probe)
+    out["supervised_all_labels"] = _supervised(config, config.dataset.num_train_examples)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1 or FLAGS.config is None or not FLAGS.workdir:
+    sys.exit("error: use --config=... --workdir=...")
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from effjax import grid  # pylint: disable=g-import-not-at-top
+  if FLAGS.config.task != "contrastive":
+    sys.exit(f"error: --config has task={FLAGS.config.task!r}; this needs task='contrastive'")
+  try:
+    runs = grid.expand(FLAGS.config, variants(FLAGS.config), [0], jax.device_count())
+  except (config_lib.ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  rows = grid.run(runs, FLAGS.workdir)
+  for row, (_, _, _, c) in zip(rows, runs):
+    row["learning_rate"] = float(c.optimizer.learning_rate)
+  grid.write_csv(rows, os.path.join(FLAGS.workdir, "runs.csv"))
+  table = grid.markdown_table(grid.summarize(rows, [m for _, m, _ in COLUMNS]), COLUMNS)
+  with open(os.path.join(FLAGS.workdir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(table + "\n")
+  print(table)
+  plot(rows, os.path.join(FLAGS.workdir, "probe_vs_batch.png"))
+
+
+def plot(rows, path: str) -> None:
+  """Linear-probe accuracy against batch size: the best LR per batch (global negatives),
+  local negatives, the raw-signal probe and the supervised references."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  best = {}
+  for r in rows:
+    if "_lr_x" in r["variant"]:
+      b = r["batch_size"]
+      best[b] = max(best.get(b, 0.0), r["eval/linear_probe_accuracy"])
+  if best:
+    ax.semilogx(*zip(*sorted(best.items())), "o-", base=2,
+                label="global negatives (best LR)")
+  local = sorted((r["batch_size"], r["eval/linear_probe_accuracy"]) for r in rows
+                 if r["variant"].endswith("_local"))
+  if local:
+    ax.semilogx(*zip(*local), "s--", base=2, label="local negatives (LR x1)")
+  styles = iter(["-.", ":"])
+  for r in rows:
+    if r["variant"].startswith("supervised"):
+      ax.axhline(r["eval/accuracy"], ls=next(styles, "-"), c="gray",
+                 label=f"{r['variant'].replace('_', ' ')} (test acc)")
+  raw = next((r["baseline/raw_linear_probe_accuracy"] for r in rows
+              if "baseline/raw_linear_probe_accuracy" in r), None)
+  if raw is not None:
+    ax.axhline(raw, ls=":", c="k", label="linear probe on raw signal")
+  ax.set_xlabel("global batch size")
+  ax.set_ylabel("test accuracy")
+  ax.legend(fontsize=8)
+  ax.grid(True, which="both", lw=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  app.run(main)
