@@ -26,3 +26,19 @@ def test_quickstart(data_dir, tmp_path, monkeypatch):
   acc = float(text.split("final test accuracy: ")[1].split()[0])
   assert acc > 0.9  # The mnist1d paper's CNN: 94%.
   assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_nnx_large_batch(data_dir, tmp_path, monkeypatch):
+  """A user's own NNX model with effjax's sync BN and LARS trains on 8 simulated devices:
+  the loss falls, the test accuracy is high, the loss and trust-ratio plot is drawn."""
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  nb = _execute("nnx_large_batch.ipynb", tmp_path)
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert "8 devices" in text
+  first, last = (float(v) for v in text.split("train loss: first step ")[1].split(
+      "\n")[0].split(", last step "))
+  assert first > 2.0 and last < 0.05 * first, (first, last)
+  assert float(text.split("test accuracy after 300 steps: ")[1].split()[0]) > 0.9
+  assert any("image/png" in o.get("data", {}) for o in outputs)

@@ -330,3 +330,52 @@ def standardize_weight(w: jax.Array, *, fan_in_axes: Axes | None = None,
   else:
     out = (wf - mean) * jax.lax.rsqrt(var + (1e-5 if epsilon is None else epsilon))
   return out.astype(w.dtype)
+
+
+def _pairs(value, n: int, name: str) -> tuple:
+  if isinstance(value, int):
+    return (value,) * n
+  value = tuple(value)
+  if len(value) != n:
+    raise ValueError(f"{name}={value} must have {n} entries, one per spatial dimension")
+  return value
+
+
+def batched_conv_input(x: jax.Array, nd: int, feature_group_count: int = 1):
+  """``(x with a batch axis, whether one was added)`` for an ``nd``-D convolution; checks
+  the rank and that ``feature_group_count`` divides the input channels."""
+  unbatched = x.ndim == nd + 1
+  if unbatched:
+    x = x[None]
+  if x.ndim != nd + 2:
+    raise ValueError(f"a {nd}D convolution takes inputs of rank {nd + 1} or {nd + 2}, got "
+                     f"shape {x.shape}")
+  if x.shape[-1] % feature_group_count:
+    raise ValueError(f"feature_group_count={feature_group_count} does not divide the "
+                     f"{x.shape[-1]} input channels")
+  return x, unbatched
+
+
+def conv(x: jax.Array, kernel: jax.Array, *, strides: Any = 1, padding: Any = "SAME",
+         input_dilation: Any = 1, kernel_dilation: Any = 1, feature_group_count: int = 1,
+         dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None):
+  """A channels-last convolution of a batched ``x`` with ``kernel`` (``spatial + (in /
+  groups, out)``), as ``flax.linen.Conv`` computes it: ``padding`` is ``'SAME'``,
+  ``'VALID'``, an int, or one int or ``(low, high)`` pair per spatial dimension; the
+  compute dtype is ``dtype`` or the promotion of ``x``'s and ``param_dtype``."""
+  nd = kernel.ndim - 2
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      raise ValueError(f"padding={padding!r} is not one of 'SAME', 'VALID', an int or pairs")
+  else:
+    padding = [(p, p) if isinstance(p, int) else tuple(p)
+               for p in _pairs(padding, nd, "padding")]
+  dtype = dtype or jnp.result_type(x.dtype, param_dtype)
+  spec = (0, nd + 1) + tuple(range(1, nd + 1))
+  dn = jax.lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+                                    out_spec=spec)
+  return jax.lax.conv_general_dilated(
+      x.astype(dtype), kernel.astype(dtype), _pairs(strides, nd, "strides"), padding,
+      lhs_dilation=_pairs(input_dilation, nd, "input_dilation"),
+      rhs_dilation=_pairs(kernel_dilation, nd, "kernel_dilation"),
+      dimension_numbers=dn, feature_group_count=feature_group_count, precision=precision)

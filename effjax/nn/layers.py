@@ -192,15 +192,6 @@ class BatchChannelNorm(nn.Module):
     return (y * per_channel(gscale) + per_channel(gbias)).astype(self.dtype or x.dtype)
 
 
-def _pairs(value, n: int, name: str) -> tuple:
-  if isinstance(value, int):
-    return (value,) * n
-  value = tuple(value)
-  if len(value) != n:
-    raise ValueError(f"{name}={value} must have {n} entries, one per spatial dimension")
-  return value
-
-
 class WSConv(nn.Module):
   """A convolution whose kernel is weight-standardized on every call: ``nn.Conv``'s
   attributes and parameter names, with the kernel replaced by
@@ -245,39 +236,17 @@ class WSConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     ks = tuple(self.kernel_size)
-    nd = len(ks)
-    unbatched = x.ndim == nd + 1
-    if unbatched:
-      x = x[None]
-    if x.ndim != nd + 2:
-      raise ValueError(f"WSConv with a {nd}D kernel takes inputs of rank {nd + 1} or "
-                       f"{nd + 2}, got shape {x.shape}")
+    x, unbatched = F.batched_conv_input(x, len(ks), self.feature_group_count)
     cin = x.shape[-1]
-    if cin % self.feature_group_count:
-      raise ValueError(f"feature_group_count={self.feature_group_count} does not divide "
-                       f"the {cin} input channels")
     kernel = self.param("kernel", self.kernel_init,
                         ks + (cin // self.feature_group_count, self.features), self.param_dtype)
     w = F.standardize_weight(kernel, epsilon=self.epsilon, scaled=self.scaled)
     if self.scaled if self.use_gain is None else self.use_gain:
       w = w * self.param("gain", self.gain_init, (self.features,), self.param_dtype)
-    padding = self.padding
-    if isinstance(padding, str):
-      if padding not in ("SAME", "VALID"):
-        raise ValueError(f"padding={padding!r} is not one of 'SAME', 'VALID', an int or pairs")
-    else:
-      padding = [(p, p) if isinstance(p, int) else tuple(p)
-                 for p in _pairs(padding, nd, "padding")]
-    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    spec = (0, nd + 1) + tuple(range(1, nd + 1))
-    dn = jax.lax.ConvDimensionNumbers(lhs_spec=spec, rhs_spec=(nd + 1, nd) + tuple(range(nd)),
-                                      out_spec=spec)
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), w.astype(dtype), _pairs(self.strides, nd, "strides"), padding,
-        lhs_dilation=_pairs(self.input_dilation, nd, "input_dilation"),
-        rhs_dilation=_pairs(self.kernel_dilation, nd, "kernel_dilation"),
-        dimension_numbers=dn, feature_group_count=self.feature_group_count,
-        precision=self.precision)
+    y = F.conv(x, w, strides=self.strides, padding=self.padding,
+               input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
+               feature_group_count=self.feature_group_count, dtype=self.dtype,
+               param_dtype=self.param_dtype, precision=self.precision)
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(y.dtype)
     return y[0] if unbatched else y
