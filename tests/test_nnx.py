@@ -105,14 +105,17 @@ def test_nnx_batchnorm_equals_effjax_linen_batchnorm(options):
 
 def test_nnx_state_filters_and_eval_mode():
   """``scale``/``bias`` are nnx.Param, ``mean``/``var`` nnx.BatchStat (as nnx.BatchNorm);
-  ``eval()`` normalizes with the running averages and leaves them unchanged."""
+  a ``mask`` keeps rows out of the statistics as nnx.BatchNorm's does; ``eval()`` normalizes with the running averages and leaves them unchanged."""
   bn = effjax.nnx.BatchNorm(C, rngs=nnx.Rngs(0))
   ref = nnx.BatchNorm(C, rngs=nnx.Rngs(0))
   for f in (nnx.Param, nnx.BatchStat):
     assert (jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(bn, f))) ==
             jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(ref, f))))
   x = _x()[:16]
-  bn(x), ref(x)
+  mask = np.broadcast_to((np.arange(16) % 3 != 0)[:, None, None], x.shape)
+  np.testing.assert_allclose(bn(x, mask=mask), ref(x, mask=mask), rtol=1e-4, atol=1e-4)
+  assert_trees_close(nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat)),
+                     nnx.to_pure_dict(nnx.state(ref, nnx.BatchStat)), "masked", rtol=1e-5)
   bn.eval(), ref.eval()
   before = nnx.to_pure_dict(nnx.clone(nnx.state(bn, nnx.BatchStat)))
   np.testing.assert_allclose(bn(x), ref(x), rtol=1e-4, atol=1e-4)
