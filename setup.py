@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.5",
     "tensorboardX>=2.6.2",
     "pillow>=10.0",
+    "matplotlib>=3.8",  # curves.png at the end of every run (effjax.plot).
 ]
 
 EXTRAS_REQUIRE = {
@@ -27,9 +28,11 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
-        "matplotlib>=3.8",
     ],
-    "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
+    # Open and run notebooks/*.ipynb: jupyter (lab and nbconvert) and TensorBoard.
+    "notebooks": ["jupyterlab>=4.0", "nbconvert>=7.16", "ipykernel>=6.29", "tensorboard>=2.16"],
+    # TensorBoard for the event files every run writes to WORKDIR/tensorboard.
+    "tensorboard": ["tensorboard>=2.16"],
     # benchmarks/train_step.py --torch only; never needed by effjax itself.
     "bench": ["torch==2.13.0", "matplotlib>=3.8"],
 }

@@ -190,6 +190,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = "shard_map"
   c.transfer_guard = "disallow"  # jax.transfer_guard around the step: implicit transfers fail.
   c.log_every = 50
+  c.curves = True             # Write curves.png (effjax.plot) into the workdir at the end.
   c.eval_every_epochs = 1.0
   c.nonfinite = "stop"        # NaN/Inf loss or gradient: 'stop', or 'skip' the update.
   c.max_consecutive_skips = 10  # 'skip': stop after this many skipped steps in a row.
@@ -456,6 +457,26 @@ def _check_devices(c, num_devices: int) -> None:
   if c.model.norm == "ghost_batch" and per_device % c.model.virtual_batch_size:
     raise ConfigError(f"model.virtual_batch_size={c.model.virtual_batch_size} does not "
                       f"divide the per-device microbatch of {per_device}; use a divisor of it")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``'path/to/config.py[:arg]'`` as ``--config`` does: the file's
+  ``get_config(arg)`` (or ``get_config()`` without an argument).
+
+  Raises:
+    ConfigError: the file does not exist or has no ``get_config``.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      f"effjax_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config()")
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

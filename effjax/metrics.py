@@ -44,7 +44,9 @@ class MetricWriter:
     if not self.primary:
       return
     row = {"step": int(step)}
-    row.update({k: _to_float(v) for k, v in scalars.items()})
+    # Counters (batch size, optimizer step, tokens) stay integers.
+    row.update({k: int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                else _to_float(v) for k, v in scalars.items()})
     if self._remote:
       self._rows.append(json.dumps(row) + "\n")
       self._path.write_text("".join(self._rows), encoding="utf-8")
@@ -88,9 +90,17 @@ class Progress:
     self.batch_size = batch_size
     self.enabled = enabled
     self.stream = stream or sys.stdout
-    self.tty = self.stream.isatty()
+    # Jupyter's output area is no terminal but honours "\r": one updating line there too.
+    self.notebook = "ipykernel" in sys.modules and stream is None
+    self.tty = self.stream.isatty() or self.notebook
+    self._width = 0
     self._t0 = time.perf_counter()
     self._last_t, self._last_step = self._t0, start_step
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` (an eval, a checkpoint) out of the next rate, so that steps/s
+    and the ETA measure training alone and do not swing at eval and save steps."""
+    self._last_t += seconds
 
   def rates(self, step: int) -> tuple[float, float]:
     """Steps/s and examples/s since the previous call."""
@@ -113,7 +123,10 @@ class Progress:
             + "".join(f"{short} {_to_float(scalars[key]):.4f} | " for key, short in (
                 ("train/accuracy", "acc"), ("train/alignment", "align")) if key in scalars) +
             f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}{extra}")
-    if self.tty:
+    if self.notebook:  # No ANSI erase there: pad over the previous line instead.
+      self.stream.write("\r" + line.ljust(self._width))
+      self._width = len(line)
+    elif self.tty:
       self.stream.write("\r" + line + "\033[K")
     else:
       self.stream.write(line + "\n")

@@ -617,13 +617,17 @@ def _run_loop(run: _Run, end: int, guard) -> Optional[preemption_lib.Preempted]:
     if log_now:
       scalars = _log(run, m)
       if eval_now:
+        t_eval = time.perf_counter()
         _eval(run, scalars)
+        run.progress.exclude(time.perf_counter() - t_eval)
       run.writer.write(loop.step, scalars)
       run.progress.update(loop.step, scalars["steps_per_sec"], scalars, _headline(run))
     _adapt(run, scalars if log_now else None)
     stop_now = guard.should_stop(loop.step, log_now)
     if _save_due(run, prev, end, log_now, stop_now):
+      t_save = time.perf_counter()
       run.save(loop.step)
+      run.progress.exclude(time.perf_counter() - t_save)
     if stop_now and loop.step < end and loop.target_step is None:
       run.checkpointer.wait()
       preempted = preemption_lib.Preempted(loop.step, guard.signal_name, run.workdir)
@@ -650,6 +654,7 @@ def _summary(run: _Run, t_start: float) -> dict:
       **loop.last_eval,
       **loop.last_train,  # Means over the last log_every steps (absent after a bare resume).
       **run.setup.task.reference_metrics(run.setup.train_source, run.setup.eval_source),
+      # From the call to the end: data loading or generation and compilation included.
       "wall_time_sec": time.perf_counter() - t_start,
       "batch_size": config.batch_size,
       "optimizer_steps": loop.opt_step,
@@ -700,11 +705,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.perf_counter()
   runner = Runner(config.parallel)
   config_lib.validate(config, runner.num_devices)
-  workdir = prepare_workdir(workdir)
-  done = _finished_target_run(workdir, config)
+  done = _finished_target_run(os.fspath(ckpt_lib.resolve_path(workdir)), config)
   if done is not None:  # Stopped at its target with this very config: nothing left to do.
     return done
-  run = _Run(build(config, runner=runner, task=task, model=model), workdir, verbose)
+  # Data (present, or generated into the data dir) and the model before the workdir: a
+  # run that fails there leaves no workdir behind.
+  setup = build(config, runner=runner, task=task, model=model)
+  setup_seconds = time.perf_counter() - t_start
+  workdir = prepare_workdir(workdir)
+  run = _Run(setup, workdir, verbose)
   total = config.num_train_steps
   end = total if stop_after is None else min(total, max(stop_after, run.loop.step))
   guard = preemption_lib.PreemptionGuard()
@@ -721,6 +730,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.progress.message(f"stopped after step {loop.step} of {total}; re-run to resume")
     return {"final_step": int(loop.step), "stopped": True}
   summary = _summary(run, t_start)
+  summary["setup_time_sec"] = setup_seconds
   if run.primary:
     (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2),
                                                       encoding="utf-8")
@@ -729,7 +739,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.progress.message(f"done: step {loop.step}, " + ", ".join(
         f"{k} {summary[k]:.4f}" for k in dict.fromkeys(shown) if k in summary)
         + f", wall time {summary['wall_time_sec']:.1f}s")
+    if config.curves:
+      _write_curves(run)
   return summary
+
+
+def _write_curves(run: _Run) -> None:
+  """``curves.png`` in the workdir, from its ``metrics.jsonl`` (``effjax.plot``)."""
+  from effjax import plot  # pylint: disable=g-import-not-at-top
+  path = epath.Path(run.workdir) / "curves.png"
+  try:
+    plot.plot_curves([run.workdir], os.fspath(path))
+  except (ValueError, OSError) as e:  # Nothing logged yet, or an unwritable file.
+    logging.warning("curves.png not written: %s", e)
+    return
+  run.progress.message(f"curves: {path}")
 
 
 def example_batch(spec: data_lib.DatasetSpec, config, rows: int,

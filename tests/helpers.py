@@ -27,6 +27,7 @@ def tiny_config(data_dir, **overrides):
   c.optimizer.weight_decay = 5e-4
   c.schedule.warmup_epochs = 0.25
   c.log_every = 5
+  c.curves = False  # The plot has its own tests (test_plot.py).
   return with_overrides(derive(c), overrides)
 
 
@@ -54,6 +55,7 @@ def lm_config(data_dir, **overrides):
   c.optimizer.weight_decay = 0.1
   c.schedule.warmup_epochs = 0.125
   c.log_every = 4
+  c.curves = False
   return with_overrides(derive(c), overrides)
 
 
@@ -81,6 +83,7 @@ def contrastive_config(data_dir, **overrides):
   c.optimizer.weight_decay = 1e-6
   c.schedule.warmup_epochs = 0.5
   c.log_every = 10
+  c.curves = False
   return with_overrides(derive(c), overrides)
 
 

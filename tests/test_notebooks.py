@@ -25,7 +25,13 @@ def test_quickstart(data_dir, tmp_path, monkeypatch):
   assert "8 devices" in text
   acc = float(text.split("final test accuracy: ")[1].split()[0])
   assert acc > 0.9  # The mnist1d paper's CNN: 94%.
-  assert any("image/png" in o.get("data", {}) for o in outputs)
+  assert any("image/png" in o.get("data", {}) for o in outputs)  # curves.png.
+  # Progress is one line redrawn with "\r", not a line per update.
+  progress = [l for l in text.split("\n") if "steps/s" in l]
+  assert len(progress) == 1 and progress[0].count("\r[") >= 5, progress
+  # The run lives in the named workdir beside the notebook, nowhere else.
+  assert sorted(os.listdir(tmp_path)) == ["workdirs"]
+  assert (tmp_path / "workdirs" / "quickstart" / "summary.json").exists()
 
 
 def test_nnx_large_batch(data_dir, tmp_path, monkeypatch):

@@ -72,26 +72,26 @@ def test_run_stops_at_its_target_and_a_rerun_keeps_the_result(data_dir, tmp_path
   assert again == json.loads((tmp_path / "summary.json").read_text())
 
 
-def test_sweep_cli_writes_outputs_and_the_notebook_reads_them(data_dir, tmp_path, monkeypatch):
-  out = tmp_path / "sweep"
-  proc = run_cli(["--config=configs/sweep_mnist1d.py:tiny", f"--workdir={out}",
-                  f"--config.dataset.data_dir={data_dir}"],
-                 module="experiments.batch_size_sweep", devices=1, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "B_crit = B_noise" in proc.stdout, proc.stdout
-  with open(out / "sweep.json") as f:
-    result = json.load(f)
-  assert len(result["runs"]) == 6 and len(result["best"]) >= 2
-  assert result["fit"]["b_noise"] > 0 and math.isfinite(result["b_simple"])
-  assert os.path.getsize(out / "steps_vs_batch.png") > 1000
-  assert (out / "sweep.csv").read_text().count("\n") == 7
-
+def test_the_notebook_runs_the_tiny_sweep_as_opened(data_dir, tmp_path, monkeypatch):
+  """critical_batch.ipynb with no EFFJAX_SWEEP_DIR runs configs/sweep_mnist1d.py:tiny
+  (the CLI) into workdirs/ beside it; all 5 batch sizes reach the target, so the fit
+  is over 5 points, and the notebook prints and draws it."""
   from tests.test_notebooks import _execute  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv("EFFJAX_SWEEP_DIR", str(out))
+  monkeypatch.delenv("EFFJAX_SWEEP_DIR", raising=False)
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   monkeypatch.setenv("PYTHONPATH", REPO)
   nb = _execute("critical_batch.ipynb", tmp_path)
+  out = tmp_path / "workdirs" / "sweep_mnist1d_tiny"
+  with open(out / "sweep.json") as f:
+    result = json.load(f)
+  assert len(result["runs"]) == 10 and len(result["best"]) >= 4
+  assert result["fit"]["b_noise"] > 0 and math.isfinite(result["b_simple"])
+  assert result["fit"]["rmse_log"] > 0  # Over 4+ points the fit is no longer exact.
+  assert os.path.getsize(out / "steps_vs_batch.png") > 1000
+  assert (out / "sweep.csv").read_text().count("\n") == 11
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert "no EFFJAX_SWEEP_DIR: running configs/sweep_mnist1d.py:tiny" in text
   assert f"B_crit = {result['fit']['b_noise']:.0f}" in text
   assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
 

@@ -1,15 +1,19 @@
 """The task interface: classification's numbers are those recorded before it existed, and
 a user's own task and model (the README's snippet) train."""
 
+import ast
 import importlib.util
 import json
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax import data, trainer
+import effjax
+from effjax import data, tasks, trainer
 from effjax.grid import with_overrides
 from helpers import REPO
 
@@ -91,3 +95,33 @@ def test_a_user_task_and_model_from_the_readme_train(data_dir, tmp_path, monkeyp
   split = data.load_split(data.get_builder("mnist1d", data_dir), "test",
                           data.get_spec("mnist1d"))
   assert summary["eval/count"] == len(split)
+
+
+def test_the_readme_own_code_snippet_runs_one_step(monkeypatch, capsys):
+  """Executed as written: the config loads with its ``:small`` argument, and the printed
+  step-1 loss is the mean cross-entropy of the initial model (per-device BN: 8 chunks)."""
+  monkeypatch.chdir(REPO)
+  scope: dict = {}
+  exec(compile(_readme_snippet("own-code"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  config, setup, batch = scope["config"], scope["setup"], scope["batch"]
+  assert config.dataset.num_examples == 20_000  # The :small config.
+  printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+  chunks = np.split(np.arange(config.batch_size), 8)
+  losses = []
+  for idx in chunks:
+    logits, _ = setup.model.apply(setup.state.variables(), batch["input"][idx], train=True,
+                                  mutable=["batch_stats"])
+    losses.append(np.mean(np.asarray(tasks.cross_entropy(logits, batch["label"][idx]))))
+  np.testing.assert_allclose(printed["train/loss"], np.mean(losses), rtol=1e-3)
+  assert printed["lr"] == 0.0 and printed["grad_norm"] > 0  # Step 1 of the linear warmup.
+
+
+def test_the_readme_losses_snippet_gives_the_global_batch_gradient():
+  scope: dict = {}
+  exec(compile(_readme_snippet("losses"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  x1, x2 = np.asarray(scope["x1"]), np.asarray(scope["x2"])
+  ref = jax.grad(lambda w: effjax.losses.nt_xent(x1 @ w, x2 @ w, 0.1).mean())(jnp.eye(16, 8))
+  np.testing.assert_allclose(scope["g"], ref, rtol=1e-4, atol=1e-7)
+  local = jax.grad(lambda w: jnp.mean(jnp.stack([effjax.losses.nt_xent(
+      x1[i:i + 8] @ w, x2[i:i + 8] @ w, 0.1).mean() for i in range(0, 64, 8)])))(jnp.eye(16, 8))
+  assert np.abs(np.asarray(local) - np.asarray(ref)).max() > 1e-3

@@ -19,6 +19,18 @@ MNIST1D_CANONICAL_SIZE = 5000
 _TRAIN_FRACTION = 0.8
 
 
+class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder of data generated locally: TFDS's "Downloading and preparing dataset
+  Unknown size ..." and "downloaded and prepared" lines are not printed (nothing is
+  downloaded); ``effjax.data.get_builder`` prints one line of its own instead."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
 @dataclasses.dataclass
 class Mnist1dConfig(tfds.core.BuilderConfig):
   """Builder config for mnist1d: ``num_examples`` in total, split 80/20."""
@@ -41,7 +53,7 @@ def mnist1d_config(num_examples: int) -> Mnist1dConfig:
       description=f"{num_examples} examples from mnist1d's generator (seed 42).")
 
 
-class Mnist1d(tfds.core.GeneratorBasedBuilder):
+class Mnist1d(EmbeddedBuilder):
   """MNIST-1D (Greydanus 2020, arXiv:2011.14439), generated procedurally."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -83,7 +95,7 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
       yield i, {"x": x.astype(np.float32), "label": int(y), "id": first_id + i}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(EmbeddedBuilder):
   """scikit-learn's 8x8 handwritten digits (UCI optdigits test set)."""
 
   VERSION = tfds.core.Version("1.0.0")

@@ -1,5 +1,6 @@
 """The dataset catalogue: embedded builders plus any TFDS dataset prepared in a ``data_dir``."""
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Optional
@@ -105,14 +106,8 @@ def get_builder(name: str, data_dir: Optional[str] = None, num_examples: Optiona
   """
   get_spec(name)
   data_dir = data_dir or default_data_dir()
-  if name == "mnist1d":
-    n = num_examples or builders.MNIST1D_CANONICAL_SIZE
-    config = (f"n{n}" if n == builders.MNIST1D_CANONICAL_SIZE else builders.mnist1d_config(n))
-    builder = builders.Mnist1d(data_dir=data_dir, config=config, file_format="array_record")
-  elif name == "digits":
-    builder = builders.Digits(data_dir=data_dir, file_format="array_record")
-  elif name == "python_stdlib":
-    builder = text.PythonStdlib(data_dir=data_dir, file_format="array_record")
+  if name in EMBEDDED:
+    return _embedded_builder(name, data_dir, num_examples, build)
   else:
     if not os.path.isdir(data_dir):
       raise DatasetError(f"dataset {name!r} not found: data_dir {data_dir!r} does not exist")
@@ -130,9 +125,40 @@ def get_builder(name: str, data_dir: Optional[str] = None, num_examples: Optiona
           f"prepare it there with `tfds build {name} --data_dir={data_dir} "
           "--file_format=array_record`")
     return builder
-  if not builder.is_prepared():
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """absl (TFDS's logger) at ERROR: hides TFDS's "Using custom data configuration" and
+  "Variant folder ... has no dataset_info.json" warnings about effjax's own builders."""
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
+
+
+def _embedded_builder(name: str, data_dir: str, num_examples: Optional[int], build: bool):
+  """The builder of an embedded dataset, generated here (one printed line) if missing."""
+  with _quiet_absl():
+    if name == "mnist1d":
+      n = num_examples or builders.MNIST1D_CANONICAL_SIZE
+      config = (f"n{n}" if n == builders.MNIST1D_CANONICAL_SIZE else builders.mnist1d_config(n))
+      builder = builders.Mnist1d(data_dir=data_dir, config=config, file_format="array_record")
+      what = f"{n:,} examples"
+    elif name == "digits":
+      builder = builders.Digits(data_dir=data_dir, file_format="array_record")
+      what = "scikit-learn's 1,797 scans"
+    else:
+      builder = text.PythonStdlib(data_dir=data_dir, file_format="array_record")
+      what = f"the standard library source of {builder.builder_config.name}"
+    if builder.is_prepared():
+      return builder
     if not build:
       raise DatasetError(f"dataset {name!r} is not built in data_dir {data_dir!r}")
+    print(f"effjax: generating {name} ({what}) into {builder.data_dir} (once, locally; "
+          "nothing is downloaded)", flush=True)
     builder.download_and_prepare(file_format="array_record")
   return builder
 

@@ -23,6 +23,8 @@ from typing import Iterable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from effjax.data import builders
+
 PAD, BOS, OFFSET = 0, 1, 2
 VOCAB_SIZE = 256 + OFFSET
 _VALIDATION_EVERY = 20  # One file in 20 (by path hash) is validation.
@@ -48,7 +50,7 @@ def is_validation_file(relpath: str) -> bool:
   return int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) % _VALIDATION_EVERY == 0
 
 
-class PythonStdlib(tfds.core.GeneratorBasedBuilder):
+class PythonStdlib(builders.EmbeddedBuilder):
   """The running interpreter's standard-library source as byte-level documents, one per
   file: real text that nobody here wrote (about 10 MB for Python 3.11), built locally.
 
