@@ -19,6 +19,7 @@ from effjax.models import CONVS, MODELS, NORMS, cross_replica_statistics
 from effjax.optim import (DECAYS, OPTIMIZERS, SCALING_RULES, WEIGHT_DECAY_MASKS,
                           ema_decay_for_batch, scale_learning_rate)
 from effjax.losses import SIGMOID_IMPLS
+from effjax.moe import BALANCE_SCOPES
 from effjax.parallel import PARALLEL_MODES
 from effjax.steps import NONFINITE_MODES
 from effjax.tasks import CONTRASTIVE_LOSSES, NEGATIVES, TASKS
@@ -73,6 +74,12 @@ def _model_schema(c: ml_collections.ConfigDict) -> None:
   c.model.tie_embeddings = True   # decoder_lm: output projection = token embedding.
   c.model.scan_layers = False     # decoder_lm: blocks under one nn.scan (stacked params).
   c.model.projection_widths = (256, 128)  # cnn1d_contrastive: the projection head's MLP.
+  c.model.moe = ml_collections.ConfigDict()  # decoder_lm: mixture-of-experts MLPs.
+  c.model.moe.num_experts = 0        # 0: dense MLPs.
+  c.model.moe.top_k = 1
+  c.model.moe.capacity_factor = 1.25
+  c.model.moe.balance = "global"     # f_i over the global batch, or 'micro' (each replica's).
+  c.model.moe.balance_coef = 0.01    # alpha of the load-balancing loss.
 
   c.contrastive = ml_collections.ConfigDict()  # task='contrastive' only.
   c.contrastive.loss = "nt_xent"      # SimCLR's NT-Xent, or SigLIP's 'sigmoid'.
@@ -275,6 +282,24 @@ def _check_task(c) -> None:
                       f"for the text dataset {c.dataset.name!r}")
   if not 0.0 <= c.model.dropout < 1.0:
     raise ConfigError(f"model.dropout={c.model.dropout!r} must be in [0, 1)")
+  _check_moe(c.model.moe, lm_model)
+
+
+def _check_moe(moe, lm_model: bool) -> None:
+  if not (isinstance(moe.num_experts, int) and moe.num_experts >= 0):
+    raise ConfigError(f"model.moe.num_experts={moe.num_experts!r} must be an integer >= 0 "
+                      "(0: dense)")
+  if not moe.num_experts:
+    return
+  if not lm_model:
+    raise ConfigError("model.moe.num_experts > 0 needs model.name='decoder_lm'")
+  if not (isinstance(moe.top_k, int) and 1 <= moe.top_k <= moe.num_experts):
+    raise ConfigError(f"model.moe.top_k={moe.top_k!r} must be in [1, num_experts="
+                      f"{moe.num_experts}]")
+  _check_positive("model.moe.capacity_factor", moe.capacity_factor)
+  _check_choice("model.moe.balance", moe.balance, BALANCE_SCOPES)
+  if moe.balance_coef < 0:
+    raise ConfigError(f"model.moe.balance_coef={moe.balance_coef!r} must be >= 0")
 
 
 def _check_contrastive(c) -> None:

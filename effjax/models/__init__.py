@@ -4,12 +4,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from effjax.parallel import DATA_AXIS
+
 from effjax.models.norms import (BATCH_NORMS, CONVS, NORMS, NormConfig, cross_replica_statistics,
                                  make_conv,
                                  make_norm)
 from effjax.models.decoder import (DecoderLM, STACKED_NAME, attention_mask, stack_layers,
                                    unstack_layers)
 from effjax.models.resnet import ResNet, resnet18, resnet20, resnet50
+from effjax.models.moe import MoEFeedForward
 from effjax.models.simple import CNN1D, MLP, ContrastiveEncoder, cnn1d_trunk
 from effjax.models.transformer import TransformerEncoder
 
@@ -55,7 +58,12 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
                      num_layers=model_config.num_layers, num_heads=model_config.num_heads,
                      dropout=float(model_config.dropout),
                      tie_embeddings=bool(model_config.tie_embeddings),
-                     scan_layers=bool(model_config.scan_layers), dtype=dtype)
+                     scan_layers=bool(model_config.scan_layers),
+                     moe_experts=int(model_config.moe.num_experts),
+                     moe_top_k=int(model_config.moe.top_k),
+                     moe_capacity_factor=float(model_config.moe.capacity_factor),
+                     moe_balance_axis=(DATA_AXIS if model_config.moe.balance == "global"
+                                       else None), dtype=dtype)
   if name == "resnet20":
     return resnet20(num_classes, norm=norm, dtype=dtype)
   if name == "resnet18":

@@ -8,11 +8,13 @@ layer-wise optimizer must then take its trust ratio per slice of that axis
 (``effjax.optim.scale_by_trust_ratio(stacked=...)``).
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from effjax.models.moe import AUX, MoEFeedForward
 
 STACKED_NAME = "layers"  # The nn.scan module holding the stacked block parameters.
 
@@ -27,15 +29,20 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 class DecoderBlock(nn.Module):
-  """``x + drop(attn(LN(x)))``, then ``x + drop(MLP(LN(x)))``."""
+  """``x + drop(attn(LN(x)))``, then ``x + drop(MLP(LN(x)))``; the MLP is a
+  ``MoEFeedForward`` when ``moe_experts > 0``."""
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
   deterministic: bool = True
+  moe_experts: int = 0
+  moe_top_k: int = 1
+  moe_capacity_factor: float = 1.25
+  moe_balance_axis: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, token_weights=None):
     d = x.shape[-1]
     drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
     y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
@@ -44,16 +51,21 @@ class DecoderBlock(nn.Module):
         deterministic=self.deterministic, name="attention")(y, y, mask=mask)
     x = x + drop(y)
     y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-    y = nn.Dense(d * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(y)
-    y = nn.Dense(d, dtype=self.dtype, name="mlp_out")(nn.gelu(y))
+    if self.moe_experts:
+      y = MoEFeedForward(self.moe_experts, self.moe_top_k, self.moe_capacity_factor,
+                         d * self.mlp_ratio, self.moe_balance_axis, self.dtype,
+                         name="moe")(y, token_weights)
+    else:
+      y = nn.Dense(d * self.mlp_ratio, dtype=self.dtype, name="mlp_in")(y)
+      y = nn.Dense(d, dtype=self.dtype, name="mlp_out")(nn.gelu(y))
     return x + drop(y)
 
 
 class _ScanBlock(DecoderBlock):
   """``DecoderBlock`` in ``nn.scan``'s ``(carry, x) -> (carry, out)`` form."""
 
-  def __call__(self, x, mask):  # pylint: disable=arguments-differ
-    return super().__call__(x, mask), None
+  def __call__(self, x, mask, token_weights=None):  # pylint: disable=arguments-differ
+    return super().__call__(x, mask, token_weights), None
 
 
 class DecoderLM(nn.Module):
@@ -70,6 +82,9 @@ class DecoderLM(nn.Module):
     dropout: dropout rate (0: none).
     tie_embeddings: share the token embedding with the output projection.
     scan_layers: stack the blocks under one ``nn.scan`` (see the module docstring).
+    moe_experts, moe_top_k, moe_capacity_factor: > 0 experts: every block's MLP is a
+      ``MoEFeedForward`` (padding tokens count in no balance statistic).
+    moe_balance_axis: the data axis for the global-batch balance loss, or ``None``.
   """
   vocab_size: int
   max_len: int
@@ -80,6 +95,10 @@ class DecoderLM(nn.Module):
   dropout: float = 0.0
   tie_embeddings: bool = True
   scan_layers: bool = False
+  moe_experts: int = 0
+  moe_top_k: int = 1
+  moe_capacity_factor: float = 1.25
+  moe_balance_axis: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -95,15 +114,18 @@ class DecoderLM(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     mask = attention_mask(segment_ids)
     kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-              deterministic=not train, dtype=self.dtype)
+              deterministic=not train, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k,
+              moe_capacity_factor=self.moe_capacity_factor,
+              moe_balance_axis=self.moe_balance_axis, dtype=self.dtype)
+    token_weights = (segment_ids > 0).astype(jnp.float32)
     if self.scan_layers:
-      blocks = nn.scan(_ScanBlock, variable_axes={"params": 0},
+      blocks = nn.scan(_ScanBlock, variable_axes={"params": 0, AUX: 0},
                        split_rngs={"params": True, "dropout": True},
-                       in_axes=nn.broadcast, length=self.num_layers)
-      x, _ = blocks(name=STACKED_NAME, **kw)(x, mask)
+                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers)
+      x, _ = blocks(name=STACKED_NAME, **kw)(x, mask, token_weights)
     else:
       for i in range(self.num_layers):
-        x = DecoderBlock(name=f"block{i}", **kw)(x, mask)
+        x = DecoderBlock(name=f"block{i}", **kw)(x, mask, token_weights)
     x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x.astype(jnp.float32))

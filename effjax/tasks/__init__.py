@@ -8,7 +8,7 @@ from effjax.tasks.base import LossOutput, NATS_PER_BIT, Task, apply_train, rows
 from effjax.tasks.classification import ClassificationTask, cross_entropy
 from effjax.tasks.contrastive import (CONTRASTIVE_LOSSES, NEGATIVES, ContrastiveTask,
                                       knn_accuracy, linear_probe_accuracy)
-from effjax.tasks.lm import LanguageModelTask, next_token_loss
+from effjax.tasks.lm import LanguageModelTask, moe_statistics, next_token_loss
 
 CLASSIFICATION = ClassificationTask()
 TASKS = ("classification", "lm", "contrastive")
@@ -21,7 +21,8 @@ def create_task(config) -> Task:
   if config.task == "classification":
     return ClassificationTask(label_smoothing=float(config.label_smoothing))
   if config.task == "lm":
-    return LanguageModelTask()
+    moe = config.model.moe
+    return LanguageModelTask(moe_balance_coef=float(moe.balance_coef) if moe.num_experts else 0.0)
   if config.task == "contrastive":
     from effjax.data.preprocess import mnist1d_view  # pylint: disable=g-import-not-at-top
     c = config.contrastive

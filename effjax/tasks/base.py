@@ -107,19 +107,20 @@ def apply_train(apply_fn: Callable, variables: dict, *args, rng: Optional[jax.Ar
   parameters mutable and ``rng`` as the ``'dropout'`` RNG.
 
   Returns:
-    ``(output, model_state)``: ``model_state`` holds ``batch_stats`` if the model has it.
+    ``(output, model_state)``: ``model_state`` holds ``batch_stats`` if the model has it,
+    and ``aux`` if it sows auxiliary losses and statistics there (a mixture of experts'
+    balance loss; read by the task, not kept in the state).
 
   Raises:
-    ValueError: the model writes a collection other than ``batch_stats``, which the
-      ``TrainState`` does not keep.
+    ValueError: the model writes a collection other than ``batch_stats`` and ``aux``.
   """
   rngs = {"dropout": rng} if rng is not None else None
   out, new_vars = apply_fn(variables, *args, train=True, rngs=rngs,
                            mutable=flax.core.DenyList("params"), **kwargs)
-  extra = sorted(set(new_vars) - {"batch_stats"})
+  extra = sorted(set(new_vars) - {"batch_stats", "aux"})
   if extra:
     raise ValueError(f"the model writes collections {extra} that the TrainState does not "
-                     "keep (it keeps params and batch_stats)")
+                     "keep (it keeps params and batch_stats; tasks read aux)")
   return out, dict(new_vars)
 
 
