@@ -52,11 +52,12 @@ class MoEFeedForward(nn.Module):
     hid = nn.gelu(jnp.einsum("ecd,edh->ech", expert_in, w_in.astype(dt)) + b_in[:, None].astype(dt))
     expert_out = jnp.einsum("ech,ehd->ecd", hid, w_out.astype(dt)) + b_out[:, None].astype(dt)
     y = jnp.einsum("tec,ecd->td", routing.combine.astype(dt), expert_out)
-    flat_w = None if weights is None else weights.reshape(-1)
-    axis = None if self.is_initializing() else self.balance_axis_name
-    loss, load = moe.balance_loss(routing.probs, routing.assigned, axis, flat_w)
-    self.sow(AUX, "balance_loss", loss)
-    self.sow(AUX, "load", load)
-    self.sow(AUX, "entropy", moe.routing_entropy(routing.probs))
-    self.sow(AUX, "expert", jnp.argmax(routing.probs, -1).reshape(b, length))
+    if self.is_mutable_collection(AUX):  # Training (apply_train) or analysis; not eval.
+      flat_w = None if weights is None else weights.reshape(-1)
+      axis = None if self.is_initializing() else self.balance_axis_name
+      loss, load = moe.balance_loss(routing.probs, routing.assigned, axis, flat_w)
+      self.sow(AUX, "balance_loss", loss)
+      self.sow(AUX, "load", load)
+      self.sow(AUX, "entropy", moe.routing_entropy(routing.probs))
+      self.sow(AUX, "expert", jnp.argmax(routing.probs, -1).reshape(b, length))
     return y.reshape(b, length, d).astype(x.dtype)
