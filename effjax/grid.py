@@ -130,3 +130,26 @@ def markdown_table(summary: Sequence[dict], columns: Sequence[tuple[str, str, st
     cells = [f"{s[m + '/mean']:{fmt}} ± {s[m + '/std']:{fmt}}" for _, m, fmt in columns]
     lines.append(f"| {s['variant']} | {s['n']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def run_experiment(base: ml_collections.ConfigDict, variants: Mapping[str, Mapping[str, Any]],
+                   workdir: str, columns: Sequence[tuple[str, str, str]],
+                   num_devices: int | None = None, seeds: Iterable[int] = (0,)) -> list[dict]:
+  """``expand`` (every run validated first), ``run``, then ``runs.csv`` and ``summary.md``
+  (the ``markdown_table`` of ``columns``, also printed) in ``workdir``. Each row gains
+  ``learning_rate``, the run's optimizer LR.
+
+  Raises:
+    ConfigError: a variant's config is invalid (before anything runs).
+  """
+  runs = expand(base, variants, seeds, num_devices)
+  os.makedirs(workdir, exist_ok=True)
+  rows = run(runs, workdir)
+  for row, (_, _, _, c) in zip(rows, runs):
+    row["learning_rate"] = float(c.optimizer.learning_rate)
+  write_csv(rows, os.path.join(workdir, "runs.csv"))
+  table = markdown_table(summarize(rows, [m for _, m, _ in columns]), columns)
+  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(table + "\n")
+  print(table)
+  return rows

@@ -95,3 +95,16 @@ def plot_curves(workdirs: Sequence[str], path: str, x: str = "step",
     fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
   return drawn
+
+
+def finish(fig, ax, path: str, xlabel: str, ylabel: str) -> None:
+  """Labels, legend and grid on ``ax``, then saves ``fig`` to ``path`` and closes it (the
+  experiments' single-panel figures)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+  ax.grid(True, which="both", lw=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -76,18 +76,10 @@ def main(argv):
   if FLAGS.config.task != "contrastive":
     sys.exit(f"error: --config has task={FLAGS.config.task!r}; this needs task='contrastive'")
   try:
-    runs = grid.expand(FLAGS.config, variants(FLAGS.config), [0], jax.device_count())
+    rows = grid.run_experiment(FLAGS.config, variants(FLAGS.config), FLAGS.workdir, COLUMNS,
+                               jax.device_count())
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  rows = grid.run(runs, FLAGS.workdir)
-  for row, (_, _, _, c) in zip(rows, runs):
-    row["learning_rate"] = float(c.optimizer.learning_rate)
-  grid.write_csv(rows, os.path.join(FLAGS.workdir, "runs.csv"))
-  table = grid.markdown_table(grid.summarize(rows, [m for _, m, _ in COLUMNS]), COLUMNS)
-  with open(os.path.join(FLAGS.workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
-  print(table)
   plot(rows, os.path.join(FLAGS.workdir, "probe_vs_batch.png"))
 
 
@@ -97,6 +89,7 @@ def plot(rows, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from effjax import plot as effjax_plot  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   best = {}
   for r in rows:
@@ -119,13 +112,7 @@ def plot(rows, path: str) -> None:
               if "baseline/raw_linear_probe_accuracy" in r), None)
   if raw is not None:
     ax.axhline(raw, ls=":", c="k", label="linear probe on raw signal")
-  ax.set_xlabel("global batch size")
-  ax.set_ylabel("test accuracy")
-  ax.legend(fontsize=8)
-  ax.grid(True, which="both", lw=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  effjax_plot.finish(fig, ax, path, "global batch size", "test accuracy")
 
 
 if __name__ == "__main__":

@@ -61,18 +61,10 @@ def main(argv):
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import grid  # pylint: disable=g-import-not-at-top
   try:
-    runs = grid.expand(FLAGS.config, variants(FLAGS.config), [0], jax.device_count())
+    rows = grid.run_experiment(FLAGS.config, variants(FLAGS.config), FLAGS.workdir, COLUMNS,
+                               jax.device_count())
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  rows = grid.run(runs, FLAGS.workdir)
-  for row, (_, _, _, c) in zip(rows, runs):
-    row["learning_rate"] = float(c.optimizer.learning_rate)
-  grid.write_csv(rows, os.path.join(FLAGS.workdir, "runs.csv"))
-  table = grid.markdown_table(grid.summarize(rows, [m for _, m, _ in COLUMNS]), COLUMNS)
-  with open(os.path.join(FLAGS.workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
-  print(table)
   plot(rows, os.path.join(FLAGS.workdir, "bits_per_byte_vs_lr.png"))
 
 
@@ -82,6 +74,7 @@ def plot(rows, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from effjax import plot as effjax_plot  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   for name in FLAGS.optimizers:
     pts = sorted((r["learning_rate"], r["eval/bits_per_byte"]) for r in rows
@@ -94,13 +87,7 @@ def plot(rows, path: str) -> None:
       ax.axhline(r["eval/bits_per_byte"], ls="--", c="gray",
                  label=f"adamw, batch {r['batch_size']} (same tokens)")
   ax.axhline(rows[0]["baseline/bigram_bits_per_byte"], ls=":", c="k", label="bigram")
-  ax.set_xlabel("learning rate")
-  ax.set_ylabel("eval bits per byte")
-  ax.legend(fontsize=8)
-  ax.grid(True, which="both", lw=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  effjax_plot.finish(fig, ax, path, "learning rate", "eval bits per byte")
 
 
 if __name__ == "__main__":

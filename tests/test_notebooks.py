@@ -16,12 +16,18 @@ def _execute(name, tmp_path):
   return nb
 
 
+def outputs_and_text(nb):
+  """The executed notebook's code-cell outputs, and all its printed (stream) text."""
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  return outputs, text
+
+
 def test_quickstart(data_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   monkeypatch.setenv("PYTHONPATH", REPO)
   nb = _execute("quickstart.ipynb", tmp_path)
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  outputs, text = outputs_and_text(nb)
   assert "8 devices" in text
   acc = float(text.split("final test accuracy: ")[1].split()[0])
   assert acc > 0.9  # The mnist1d paper's CNN: 94%.
@@ -40,8 +46,7 @@ def test_nnx_large_batch(data_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   monkeypatch.setenv("PYTHONPATH", REPO)
   nb = _execute("nnx_large_batch.ipynb", tmp_path)
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  outputs, text = outputs_and_text(nb)
   assert "8 devices" in text
   first, last = (float(v) for v in text.split("train loss: first step ")[1].split(
       "\n")[0].split(", last step "))

@@ -76,7 +76,7 @@ def test_the_notebook_runs_the_tiny_sweep_as_opened(data_dir, tmp_path, monkeypa
   """critical_batch.ipynb with no EFFJAX_SWEEP_DIR runs configs/sweep_mnist1d.py:tiny
   (the CLI) into workdirs/ beside it; all 5 batch sizes reach the target, so the fit
   is over 5 points, and the notebook prints and draws it."""
-  from tests.test_notebooks import _execute  # pylint: disable=g-import-not-at-top
+  from tests.test_notebooks import _execute, outputs_and_text  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("EFFJAX_SWEEP_DIR", raising=False)
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
   monkeypatch.setenv("PYTHONPATH", REPO)
@@ -89,8 +89,7 @@ def test_the_notebook_runs_the_tiny_sweep_as_opened(data_dir, tmp_path, monkeypa
   assert result["fit"]["rmse_log"] > 0  # Over 4+ points the fit is no longer exact.
   assert os.path.getsize(out / "steps_vs_batch.png") > 1000
   assert (out / "sweep.csv").read_text().count("\n") == 11
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  outputs, text = outputs_and_text(nb)
   assert "no EFFJAX_SWEEP_DIR: running configs/sweep_mnist1d.py:tiny" in text
   assert f"B_crit = {result['fit']['b_noise']:.0f}" in text
   assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
