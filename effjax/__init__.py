@@ -6,7 +6,10 @@ Public API:
   * ``effjax.tasks``: the ``Task`` interface, ``ClassificationTask``, ``LanguageModelTask``,
     ``ContrastiveTask``
   * ``effjax.losses``: contrastive losses with global negatives (``nt_xent``,
-    ``sigmoid_loss`` with its ``ppermute`` ring)
+    ``sigmoid_loss`` with its ``ppermute`` ring); ``effjax.moe``: expert routing and the
+    load-balancing loss over the global batch
+  * ``effjax.plot``: training curves from ``metrics.jsonl``
+  * ``effjax.nnx`` (imported on its own): the batch-statistics layers as Flax NNX modules
   * ``effjax.Runner`` (shard_map / pmap), ``effjax.DATA_AXIS``
   * subpackages ``effjax.data``, ``effjax.models``, ``effjax.nn``, ``effjax.optim``; modules
     ``effjax.config``, ``effjax.checkpoint``, ``effjax.metrics``, ``effjax.distributed``, ``effjax.preemption``,
@@ -20,7 +23,7 @@ parallel.size_cpu_thread_pool()  # Before any JAX computation; see its docstring
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from effjax import (adaptive, checkpoint, config, data, distributed, grid, losses, metrics,
-                    models, nn, optim, preemption, stats, sweep, tasks)
+                    models, moe, nn, optim, plot, preemption, stats, sweep, tasks)
 from effjax.config import ConfigError, base_config, validate
 from effjax.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard
 from effjax.parallel import DATA_AXIS, Runner, global_norm, group_psum, make_mesh
