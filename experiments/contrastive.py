@@ -7,8 +7,8 @@ local negatives, and the supervised CNN on the same labels.
 
 (a) For each batch size and LR multiplier, SimCLR with the config's epochs and
     ``optimizer.base_learning_rate`` times the multiplier (the linear rule from there).
-(b) For each of ``--local_batch_sizes``, the same run (multiplier 1) with
-    ``contrastive.negatives='local'``.
+(b) For each of ``--local_batch_sizes`` and ``--local_lr_multipliers``, the same run
+    with ``contrastive.negatives='local'``.
 (c) With ``--supervised``: the same trunk trained as a classifier (``cnn1d``, LARS, the
     dataset's shift-and-noise augmentation, the same epochs and batch) on the probe's
     labelled rows only, and on all train labels.
@@ -30,6 +30,7 @@ flags.DEFINE_list("batch_sizes", ["128", "256", "512", "1024", "2048", "4096"],
 flags.DEFINE_list("lr_multipliers", ["0.5", "1", "2"], "(a) times the config's base LR.")
 flags.DEFINE_list("local_batch_sizes", ["128", "512", "4096"],
                   "(b) batch sizes also run with negatives='local'.")
+flags.DEFINE_list("local_lr_multipliers", ["1"], "(b) LR multipliers of the local runs.")
 flags.DEFINE_bool("supervised", True, "(c) the supervised CNN on the same labels.")
 
 COLUMNS = [("linear probe", "eval/linear_probe_accuracy", ".4f"),
@@ -58,7 +59,10 @@ def variants(config) -> dict:
     for m in FLAGS.lr_multipliers:
       out[f"b{b}_lr_x{m}"] = {"batch_size": b, "optimizer.base_learning_rate": base_lr * float(m)}
   for b in map(int, FLAGS.local_batch_sizes):
-    out[f"b{b}_local"] = {"batch_size": b, "contrastive.negatives": "local"}
+    for m in FLAGS.local_lr_multipliers:
+      name = f"b{b}_local" + ("" if float(m) == 1 else f"_x{m}")
+      out[name] = {"batch_size": b, "contrastive.negatives": "local",
+                   "optimizer.base_learning_rate": base_lr * float(m)}
   if FLAGS.supervised:
     probe = config.contrastive.probe_examples
     out[f"supervised_{probe}_labels"] = _supervised(config, probe)
@@ -93,16 +97,18 @@ def plot(rows, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   best = {}
   for r in rows:
-    if "_lr_x" in r["variant"]:
+    if "_lr_x" in r["variant"] and "_local" not in r["variant"]:
       b = r["batch_size"]
       best[b] = max(best.get(b, 0.0), r["eval/linear_probe_accuracy"])
   if best:
     ax.semilogx(*zip(*sorted(best.items())), "o-", base=2,
                 label="global negatives (best LR)")
-  local = sorted((r["batch_size"], r["eval/linear_probe_accuracy"]) for r in rows
-                 if r["variant"].endswith("_local"))
-  if local:
-    ax.semilogx(*zip(*local), "s--", base=2, label="local negatives (LR x1)")
+  for m in FLAGS.local_lr_multipliers:
+    suffix = "_local" + ("" if float(m) == 1 else f"_x{m}")
+    local = sorted((r["batch_size"], r["eval/linear_probe_accuracy"]) for r in rows
+                   if r["variant"].endswith(suffix))
+    if local:
+      ax.semilogx(*zip(*local), "s--", base=2, label=f"local negatives (LR x{m})")
   styles = iter(["-.", ":"])
   for r in rows:
     if r["variant"].startswith("supervised"):
