@@ -88,36 +88,37 @@ def main(argv):
 
 
 def plot(rows, path: str) -> None:
-  """Linear-probe accuracy against batch size: the best LR per batch (global negatives),
-  local negatives, the raw-signal probe and the supervised references."""
+  """Linear-probe accuracy against batch size: global negatives at the best LR, global
+  and local negatives at each ``--local_lr_multipliers``, and the supervised references;
+  the raw-signal probe is in the title."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from effjax import plot as effjax_plot  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  probe = lambda r: r["eval/linear_probe_accuracy"]
   best = {}
   for r in rows:
     if "_lr_x" in r["variant"] and "_local" not in r["variant"]:
-      b = r["batch_size"]
-      best[b] = max(best.get(b, 0.0), r["eval/linear_probe_accuracy"])
+      best[r["batch_size"]] = max(best.get(r["batch_size"], 0.0), probe(r))
   if best:
-    ax.semilogx(*zip(*sorted(best.items())), "o-", base=2,
-                label="global negatives (best LR)")
-  for m in FLAGS.local_lr_multipliers:
-    suffix = "_local" + ("" if float(m) == 1 else f"_x{m}")
-    local = sorted((r["batch_size"], r["eval/linear_probe_accuracy"]) for r in rows
-                   if r["variant"].endswith(suffix))
+    ax.semilogx(*zip(*sorted(best.items())), "o-", base=2, c="k", label="global, best LR")
+  for i, m in enumerate(FLAGS.local_lr_multipliers):
+    suffix = "" if float(m) == 1 else f"_x{m}"
+    glob = sorted((r["batch_size"], probe(r)) for r in rows if r["variant"].endswith(f"_lr_x{m}"))
+    local = sorted((r["batch_size"], probe(r)) for r in rows
+                   if r["variant"].endswith("_local" + suffix))
+    if glob:
+      ax.semilogx(*zip(*glob), "o-", base=2, c=f"C{i}", lw=1, label=f"global, LR x{m}")
     if local:
-      ax.semilogx(*zip(*local), "s--", base=2, label=f"local negatives (LR x{m})")
-  styles = iter(["-.", ":"])
-  for r in rows:
-    if r["variant"].startswith("supervised"):
-      ax.axhline(r["eval/accuracy"], ls=next(styles, "-"), c="gray",
-                 label=f"{r['variant'].replace('_', ' ')} (test acc)")
+      ax.semilogx(*zip(*local), "s--", base=2, c=f"C{i}", label=f"local, LR x{m}")
+  for r, style in zip([r for r in rows if r["variant"].startswith("supervised")], ["-.", ":"]):
+    ax.axhline(r["eval/accuracy"], ls=style, c="gray",
+               label=f"{r['variant'].replace('_', ' ')} (test acc)")
   raw = next((r["baseline/raw_linear_probe_accuracy"] for r in rows
               if "baseline/raw_linear_probe_accuracy" in r), None)
   if raw is not None:
-    ax.axhline(raw, ls=":", c="k", label="linear probe on raw signal")
+    ax.set_title(f"SimCLR linear probe (probe on the raw signal: {raw:.3f})", fontsize=10)
   effjax_plot.finish(fig, ax, path, "global batch size", "test accuracy")
 
 
