@@ -428,10 +428,12 @@ def _check_batch_schedule(c) -> None:
   if not 0.0 <= c.noise_scale.decay < 1.0:
     raise ConfigError(f"noise_scale.decay={c.noise_scale.decay!r} must be in [0, 1)")
   if c.noise_scale.enabled and c.accum_steps < 2 and _cross_replica_loss(c):
+    what = (f"model.norm={c.model.norm!r}" if cross_replica_statistics(
+        c.model.norm, c.model.bcn_estimated) else "contrastive.negatives='global'")
     raise ConfigError(
-        f"noise_scale.enabled with model.norm={c.model.norm!r}, task={c.task!r} needs "
-        "accum_steps >= 2: cross-replica statistics (BN) or negatives leave no per-replica "
-        "small-batch gradient, so the small batch is a microbatch of the global batch")
+        f"noise_scale.enabled with {what} needs accum_steps >= 2: cross-replica statistics "
+        "or negatives leave no per-replica small-batch gradient, so the small batch is a "
+        "microbatch of the global batch")
 
 
 def _check_training(c) -> None:

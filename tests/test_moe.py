@@ -102,14 +102,13 @@ def _moe_step(config, runner):
   return runner.to_host(metrics)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_moe_lm_step_global_balance_equals_one_device(data_dir, scan):
+def test_moe_lm_step_global_balance_equals_one_device(data_dir):
   """The LM train step with 4 experts: on 8 replicas with the global balance loss the
   loss (NLL + alpha * LBL), the LBL and the loads equal one device holding the batch; the
   micro balance loss differs. Loads sum to 1 and the router entropy is at most ln 4."""
   # Capacity E/k x the fair share: no token is dropped, so that the capacity (counted per
   # replica's tokens) does not make the 8-replica and one-device models differ.
-  overrides = {"model.moe.num_experts": E, "model.moe.top_k": 2, "model.scan_layers": scan,
+  overrides = {"model.moe.num_experts": E, "model.moe.top_k": 2,
                "model.moe.balance_coef": 0.1, "model.moe.capacity_factor": E / 2}
   one = Runner("shard_map", jax.sharding.Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,)))
   m1 = _moe_step(lm_config(data_dir, **overrides), one)
@@ -119,7 +118,29 @@ def test_moe_lm_step_global_balance_equals_one_device(data_dir, scan):
   loads = [m8[f"train/moe/load/{i}"] for i in range(E)]
   np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
   assert 0 < m8["train/moe/entropy"] <= np.log(E) + 1e-6
-  if not scan:  # (The scanned stack differs only in how the layers' statistics are sown.)
-    micro = _moe_step(lm_config(data_dir, **overrides, **{"model.moe.balance": "micro"}),
-                      Runner("shard_map"))
-    assert abs(micro["train/moe/balance_loss"] - m1["train/moe/balance_loss"]) > 1e-3
+  micro = _moe_step(lm_config(data_dir, **overrides, **{"model.moe.balance": "micro"}),
+                    Runner("shard_map"))
+  assert abs(micro["train/moe/balance_loss"] - m1["train/moe/balance_loss"]) > 1e-3
+
+
+def test_scanned_moe_stack_sows_the_same_statistics(data_dir):
+  """``scan_layers`` stacks the MoE blocks: with the unrolled model's parameters stacked
+  (``stack_layers``), logits and the per-layer balance loss, load and entropy that the LM
+  task reads are the same."""
+  overrides = {"model.moe.num_experts": E, "model.moe.top_k": 2, "model.moe.balance": "micro"}
+  flat = trainer.build(lm_config(data_dir, **overrides), with_data=False)
+  scan = trainer.build(lm_config(data_dir, **overrides, **{"model.scan_layers": True}),
+                       with_data=False)
+  batch = trainer.example_batch(flat.spec, flat.config, 4)
+  batch["inputs"] = np.random.default_rng(0).integers(3, 200, batch["inputs"].shape)
+  params = flat.state.params
+  stacked = models.stack_layers(params, flat.config.model.num_layers)
+  out = {}
+  for name, setup, p in (("flat", flat, params), ("scan", scan, stacked)):
+    logits, aux = jax.jit(lambda p, b, m=setup.model: m.apply(
+        {"params": p}, b["inputs"], segment_ids=b["segment_ids"], positions=b["positions"],
+        mutable=["aux"]))(p, batch)
+    out[name] = (logits, tasks.moe_statistics(aux["aux"]))
+  np.testing.assert_allclose(out["scan"][0], out["flat"][0], rtol=1e-5, atol=1e-5)
+  assert_trees_close(out["scan"][1], out["flat"][1], "moe statistics", rtol=1e-5)
+  assert out["flat"][1]["load"].shape == (E,)
