@@ -193,11 +193,12 @@ def test_probes_fit_labels_they_can_and_not_others():
 def test_simclr_small_beats_the_raw_signal_probe(data_dir, tmp_path):
   """A short SimCLR run end to end: the frozen features' linear probe beats the same probe
   on the raw signals, kNN is well above chance, and labels never reach a train batch."""
-  config = contrastive_config(data_dir, num_epochs=8.0)
+  config = contrastive_config(data_dir, num_epochs=4.0,
+                              **{"optimizer.base_learning_rate": 4.8})  # The tuned LR.
   summary = effjax.train_and_evaluate(config, str(tmp_path), verbose=False)
   raw = summary["baseline/raw_linear_probe_accuracy"]
-  assert summary["eval/linear_probe_accuracy"] > raw + 0.1, summary
-  assert summary["eval/knn_accuracy"] > 0.4, summary
+  assert summary["eval/linear_probe_accuracy"] > raw + 0.3, summary  # 0.778 vs 0.303.
+  assert summary["eval/knn_accuracy"] > 0.5, summary  # 0.676; chance is 0.1.
   assert summary["eval/count"] == 1000
   setup = trainer.build(config, runner=Runner("shard_map"))
   train_pre, _ = trainer.preprocess_fns(config, setup.spec, setup.task)

@@ -12,7 +12,7 @@ import numpy as np
 from effjax.metrics import read_jsonl
 from tests.helpers import REPO, run_cli
 
-ARGS = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=1",
+ARGS = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=1", "--config.curves=False",
         "--config.log_every=4", "--config.model.widths=(16,32)", "--config.model.norm=sync_batch",
         "--config.input.augment=shift_noise"]
 

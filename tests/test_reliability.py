@@ -36,7 +36,8 @@ TIMING = ("steps_per_sec", "examples_per_sec")
 # 62 steps of 128 (2 epochs of the 4000-example canonical split), sync BN, parameter EMA,
 # noise scale (over 2 microbatches of the global batch, as sync BN needs), a checkpoint
 # every 3 steps and a metrics row every step.
-BASE = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=2",
+# (curves.png is off in these CLI runs: a plot per run adds seconds and tests nothing here.)
+BASE = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=2", "--config.curves=False",
         "--config.log_every=1", "--config.model.widths=(16,32)",
         "--config.model.norm=sync_batch", "--config.eval_every_epochs=1",
         "--config.checkpoint.every_steps=3", "--config.ema.enabled=True",
@@ -50,7 +51,8 @@ ADAPTIVE = BASE + ["--config.num_epochs=3", "--config.batch_schedule=adaptive",
 ADAPTIVE_TOTAL = 93
 # SimCLR: two views per example drawn in the input pipeline, global negatives, sync BN,
 # LARS; 31 steps of 128, a checkpoint every 3 steps and a metrics row every step.
-CONTRASTIVE = ["--config=configs/simclr_mnist1d.py:small", "--config.dataset.num_examples=5000",
+CONTRASTIVE = ["--config=configs/simclr_mnist1d.py:small", "--config.curves=False",
+               "--config.dataset.num_examples=5000",
                "--config.num_epochs=1", "--config.log_every=1", "--config.batch_size=128",
                "--config.eval_batch_size=256", "--config.model.widths=(8,16)",
                "--config.model.projection_widths=(32,16)", "--config.eval_every_epochs=1",
@@ -117,7 +119,7 @@ def _assert_same_run(a, b, msg=""):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-  """Uninterrupted CLI runs of BASE and ADAPTIVE."""
+  """Uninterrupted CLI runs of BASE, ADAPTIVE and CONTRASTIVE."""
   out = {}
   for name, args in (("base", BASE), ("adaptive", ADAPTIVE), ("contrastive", CONTRASTIVE)):
     workdir = str(tmp_path_factory.mktemp(f"ref_{name}"))
