@@ -22,8 +22,10 @@ features of the first ``contrastive.probe_examples`` train examples, scored on t
 split (``eval/linear_probe_accuracy``, ``eval/knn_accuracy``); the same probe on the raw
 signals is ``baseline/raw_linear_probe_accuracy`` in ``summary.json``.
 
-Measured (docs/results.md, "Contrastive pretraining on mnist1d"): see there for ``:small``
-and the batch-size and negatives experiments (2 CPU cores, 8 simulated devices).
+Measured (docs/results.md, "Contrastive pretraining on mnist1d"; 2 CPU cores, 8 simulated
+devices): ``:small`` reaches a linear probe of 0.9590 (kNN 0.9465; the probe on the raw
+signals: 0.3212) in 76 s. The full config was not run there: about 30 times the compute
+of ``:small`` (8x the examples seen, a 2x wider trunk).
 
 Size argument: ``:small`` (20K examples, 30 epochs at batch 512, a narrower trunk) for a
 local run of a few minutes.
