@@ -69,13 +69,14 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.1,
   return jax.nn.logsumexp(logits, axis=-1) - positive
 
 
-def _pair_losses(x, y_blk, scale, bias, diagonal):
-  """``-log sigmoid(z_ij (scale <x_i, y_j> + bias))`` for one ``[b, b']`` block; ``z`` is
-  +1 on the diagonal when ``diagonal`` (the block holds this replica's own pairs)."""
-  logits = scale * (x @ y_blk.T) + bias
-  eye = jnp.eye(x.shape[0], y_blk.shape[0], dtype=bool) & diagonal
-  z = jnp.where(eye, 1.0, -1.0)
-  return -jax.nn.log_sigmoid(z * logits), z, logits
+def _pair_losses(x, y_blk, scale, bias, diagonal: bool):
+  """``-log sigmoid(z_ij (scale <x_i, y_j> + bias))`` for one ``[b, b']`` block, with
+  ``z``, the logits and the similarities ``<x_i, y_j>``; ``z`` is +1 on the diagonal when
+  ``diagonal`` (the block is this replica's own, step 0 of the ring) and -1 elsewhere."""
+  sim = x @ y_blk.T
+  logits = scale * sim + bias
+  z = jnp.where(jnp.eye(x.shape[0], y_blk.shape[0], dtype=bool), 1.0, -1.0) if diagonal else -1.0
+  return -jax.nn.log_sigmoid(z * logits), z, logits, sim
 
 
 def _ring_perm(axis_name):
@@ -91,16 +92,13 @@ def _sigmoid_ring(x, y, scale, bias, axis_name):
 
 
 def _sigmoid_ring_fwd(x, y, scale, bias, axis_name):
-  n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-
-  def body(k, carry):
+  def body(_, carry):  # Steps 1..n-1: another replica's block, negatives only.
     y_blk, acc = carry
     y_blk = jax.lax.ppermute(y_blk, axis_name, _ring_perm(axis_name))
-    loss, _, _ = _pair_losses(x, y_blk, scale, bias, (me - k) % n == me)
-    return y_blk, acc + loss.sum(-1)
+    return y_blk, acc + _pair_losses(x, y_blk, scale, bias, False)[0].sum(-1)
 
   acc = _pair_losses(x, y, scale, bias, True)[0].sum(-1)
-  _, acc = jax.lax.fori_loop(1, n, body, (y, acc))
+  _, acc = jax.lax.fori_loop(1, jax.lax.axis_size(axis_name), body, (y, acc))
   return acc, (x, y, scale, bias)
 
 
@@ -109,28 +107,27 @@ def _sigmoid_ring_bwd(axis_name, residuals, g):
   with it, so that it arrives home holding every replica's contribution. Autodiff of the
   forward loop would instead keep all ``n`` blocks (``B x d``) for the backward pass."""
   x, y, scale, bias = residuals
-  n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
   perm = _ring_perm(axis_name)
 
-  def grads(y_blk, k):
-    _, z, logits = _pair_losses(x, y_blk, scale, bias, (me - k) % n == me)
+  def grads(y_blk, diagonal):
+    _, z, logits, sim = _pair_losses(x, y_blk, scale, bias, diagonal)
     d_logits = g[:, None] * -z * jax.nn.sigmoid(-z * logits)       # d loss / d logits.
-    return (scale * d_logits @ y_blk, scale * d_logits.T @ x,
-            jnp.sum(d_logits * (x @ y_blk.T)), jnp.sum(d_logits))
+    return (scale * d_logits @ y_blk, scale * d_logits.T @ x, jnp.sum(d_logits * sim),
+            jnp.sum(d_logits))
 
-  def body(k, carry):
+  def body(_, carry):
     y_blk, dy_blk, dx, dscale, dbias = carry
-    gx, gy, gs, gb = grads(y_blk, k)
+    gx, gy, gs, gb = grads(y_blk, False)
     dy_blk = jax.lax.ppermute(dy_blk + gy, axis_name, perm)
     y_blk = jax.lax.ppermute(y_blk, axis_name, perm)
     return y_blk, dy_blk, dx + gx, dscale + gs, dbias + gb
 
   # Step 0 (the own block) starts the sums, then n - 1 more steps; with n moves of each
   # cotangent block in all, every block is back at its owner.
-  gx, gy, gs, gb = grads(y, 0)
+  gx, gy, gs, gb = grads(y, True)
   init = (jax.lax.ppermute(y, axis_name, perm), jax.lax.ppermute(gy, axis_name, perm), gx, gs,
           gb)
-  _, dy, dx, dscale, dbias = jax.lax.fori_loop(1, n, body, init)
+  _, dy, dx, dscale, dbias = jax.lax.fori_loop(1, jax.lax.axis_size(axis_name), body, init)
   return dx, dy, dscale.astype(jnp.result_type(scale)), dbias.astype(jnp.result_type(bias))
 
 

@@ -85,8 +85,8 @@ def balance_loss(probs: jax.Array, assigned: jax.Array, axis_name: Optional[Any]
 
   ``f_i`` is the fraction of (token, choice) assignments that went to expert ``i`` (no
   gradient), ``P_i`` the mean router probability of expert ``i`` over this replica's
-  tokens. With ``axis_name`` the assignment counts and token counts are summed over that
-  axis before ``f`` is formed, so every replica uses the global batch's ``f``; the mean of
+  tokens. With ``axis_name`` the assignment counts are summed over that axis before ``f``
+  is formed, so every replica uses the global batch's ``f``; the mean of
   the replicas' losses is then the loss of one device holding the whole batch.
 
   Args:

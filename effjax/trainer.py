@@ -149,7 +149,7 @@ def preprocess_fns(config, spec: data_lib.DatasetSpec, task: Optional[tasks.Task
   kw = dict(augment=augment, image_size=image_size, mean=spec.mean, std=spec.std)
   train = data_lib.make_preprocess_fn(spec.kind, train=True, **kw)
   evals = data_lib.make_preprocess_fn(spec.kind, train=False, **kw)
-  if task is None or type(task).preprocess is tasks.Task.preprocess:
+  if task is None:
     return train, evals
   return (lambda b, r: task.preprocess(train(b, r), r, True),
           lambda b, r: task.preprocess(evals(b, r), r, False))
@@ -229,7 +229,6 @@ def _probe_metrics(setup: Setup, device_state) -> dict:
   rows_fn, runner = setup.compiled["rows"], setup.runner
 
   def collect(source):
-    parts = []
     parts = [runner.rows_to_host(rows_fn(device_state, runner.shard_batch(batch)))
              for batch in _eval_batches(setup, source)]
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

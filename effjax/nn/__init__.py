@@ -7,10 +7,11 @@ training.
 """
 
 from effjax.nn.functional import (batch_moments, batch_norm, channel_norm,
-                                  estimated_batch_norm, normalize, standardize_weight)
+                                  estimated_batch_norm, group_affine, normalize,
+                                  standardize_weight)
 from effjax.nn.layers import BatchChannelNorm, BatchNorm, WSConv
 from effjax.parallel import group_psum
 
 __all__ = ["BatchNorm", "BatchChannelNorm", "WSConv", "batch_moments", "batch_norm",
-           "channel_norm", "estimated_batch_norm", "normalize", "standardize_weight",
-           "group_psum"]
+           "channel_norm", "estimated_batch_norm", "group_affine", "normalize",
+           "standardize_weight", "group_psum"]

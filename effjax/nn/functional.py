@@ -295,6 +295,14 @@ def channel_norm(x: jax.Array, num_groups: int, *, epsilon: float = 1e-5, dtype:
   return normalize(xg, mean, var, epsilon=epsilon, dtype=dtype or x.dtype).reshape(x.shape)
 
 
+def group_affine(x: jax.Array, scale: jax.Array, bias: jax.Array, dtype: Any = None):
+  """``x * scale + bias`` with one ``scale``/``bias`` entry per group of consecutive
+  channels (the last axis; ``len(scale)`` groups), as Batch-Channel Norm's channel part
+  applies them; output in ``dtype`` (default: ``x``'s)."""
+  per_channel = lambda p: jnp.repeat(p, x.shape[-1] // p.shape[0])
+  return (x * per_channel(scale) + per_channel(bias)).astype(dtype or x.dtype)
+
+
 def standardize_weight(w: jax.Array, *, fan_in_axes: Axes | None = None,
                        epsilon: float | None = None, scaled: bool = False):
   """Weight Standardization: each output unit's weights get zero mean and unit variance

@@ -188,8 +188,7 @@ class BatchChannelNorm(nn.Module):
     y = F.channel_norm(y, g, epsilon=self.epsilon)
     gscale = self.param("channel_scale", self.scale_init, (g,), self.param_dtype)
     gbias = self.param("channel_bias", nn.initializers.zeros, (g,), self.param_dtype)
-    per_channel = lambda p: jnp.repeat(p, c // g)
-    return (y * per_channel(gscale) + per_channel(gbias)).astype(self.dtype or x.dtype)
+    return F.group_affine(y, gscale, gbias, self.dtype or x.dtype)
 
 
 class WSConv(nn.Module):

@@ -149,9 +149,8 @@ class BatchChannelNorm(nnx.Module):
           rate=1.0 - self.momentum, epsilon=self.epsilon, axis_name=self.axis_name, mask=mask,
           dtype=self.dtype)
     y = F.channel_norm(y, self.num_groups, epsilon=self.epsilon)
-    per_channel = lambda p: jnp.repeat(p, x.shape[-1] // self.num_groups)
-    return (y * per_channel(self.channel_scale[...]) +
-            per_channel(self.channel_bias[...])).astype(self.dtype or x.dtype)
+    return F.group_affine(y, self.channel_scale[...], self.channel_bias[...],
+                          self.dtype or x.dtype)
 
 
 class WSConv(nnx.Module):
