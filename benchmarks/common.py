@@ -34,7 +34,7 @@ def compiled_step(config, runner=None) -> list:
   r = setup.runner
   batch = random_batch(r, setup.spec, config.batch_size, config.dataset.seq_len)
   fn = r.compile(trainer.make_train_step(config), check_replicated=False)
-  state = setup.state.replace(**r.replicate(setup.state.items()))
+  state = r.place_state(setup.state)
   state, m = fn(state, batch)
   jax.block_until_ready(m)
   return [fn, state, batch, []]

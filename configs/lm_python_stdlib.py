@@ -17,6 +17,15 @@ with 8 simulated devices. The full config (49M tokens, width 256, 4 layers) was 
 on that machine: about 50x ``:small``'s compute, hours on 2 cores. ``summary.json``
 holds ``eval/bits_per_byte`` and ``baseline/bigram_bits_per_byte``.
 
+``:1.3b`` is for ``--dry_run`` (sizes and memory on a (16, 16) mesh of 256 devices):
+  python -m experiments.train --config=configs/lm_python_stdlib.py:1.3b --dry_run
+It prints (24 s on 2 CPU cores) 1,314,041,856 parameters, 9.683e15 FLOPs per step and,
+per device, 313.3 MiB of parameters and 626.6 MiB of AdamW moments (split 16 ways),
+5012.7 MiB of gathered parameters and 46864.0 MiB of activations and temporaries at 2
+sequences per device (XLA:CPU's buffer assignment, no rematerialisation): 52816.6 MiB
+in all (docs/results.md, "FSDP"). The layers are not scanned here: XLA's cost analysis
+counts a scanned layer once.
+
 Size argument: ``:small`` (a 2-layer width-128 model, 1500 steps of 32 x 128 tokens) for a
 local run of a few minutes on 2 CPU cores with 8 simulated devices.
 """
@@ -63,6 +72,22 @@ def get_config(size: str = "full"):
     c.eval_every_epochs = 1.0
     c.log_every = 100
     c.checkpoint.every_steps = 0
+  elif size == "1.3b":
+    # For --dry_run at pod scale: 1.31B parameters (GPT-3 XL's width and heads, 26 layers
+    # for byte-level vocab), 1M-token batches on 256 devices, parameters and AdamW's
+    # moments split 16 ways (mesh (16, 16)).
+    c.dataset.seq_len = 2048
+    c.model.widths = (2048,)
+    c.model.num_layers = 26
+    c.model.num_heads = 16
+    c.compute_dtype = "bfloat16"
+    c.batch_size = 512
+    c.eval_batch_size = 512
+    c.optimizer.base_batch_size = 512
+    c.optimizer.base_learning_rate = 2e-4
+    c.dataset.num_train_examples = 512 * 10000
+    c.mesh.fsdp = 16
+    c.dry_run_devices = 256
   elif size != "full":
-    raise ValueError(f"size={size!r} is not one of ('full', 'small')")
+    raise ValueError(f"size={size!r} is not one of ('full', 'small', '1.3b')")
   return derive(c)

@@ -409,5 +409,11 @@ def read_arrays(step_dir: PathLike) -> tuple[Any, dict]:
 
 
 def abstract_like(tree: Any, sharding) -> Any:
-  """``ShapeDtypeStruct``s of ``tree``'s leaves placed with ``sharding`` (restore target)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  """``ShapeDtypeStruct``s of ``tree``'s leaves placed with ``sharding`` (restore target):
+  one sharding for all, or a tree of them (``Runner.state_shardings``: orbax then
+  reads each device's part, so a checkpoint written on one mesh restores onto another)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      sharding)

@@ -195,6 +195,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   c.compute_dtype = "float32"
   c.parallel = "shard_map"
+  # The (data, fsdp) mesh: fsdp devices split the parameters, their EMA and the optimizer
+  # state (effjax.fsdp; leaves under fsdp_min_size elements stay replicated); all
+  # devices hold different examples. fsdp=1: plain data parallelism.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 1024
   c.transfer_guard = "disallow"  # jax.transfer_guard around the step: implicit transfers fail.
   c.log_every = 50
   c.curves = True             # Write curves.png (effjax.plot) into the workdir at the end.
@@ -356,6 +362,11 @@ def _check_values(c) -> None:
                       ">= 0 (0 means no clipping)")
   _check_choice("schedule.decay", c.schedule.decay, DECAYS)
   _check_choice("parallel", c.parallel, PARALLEL_MODES)
+  _check_positive("mesh.fsdp", c.mesh.fsdp, integer=True)
+  _check_positive("mesh.fsdp_min_size", c.mesh.fsdp_min_size, integer=True)
+  if c.mesh.fsdp > 1 and c.parallel != "shard_map":
+    raise ConfigError(f"mesh.fsdp={c.mesh.fsdp} needs parallel='shard_map' (pmap has one "
+                      f"axis), not {c.parallel!r}")
   _check_choice("compute_dtype", c.compute_dtype, COMPUTE_DTYPES)
   _check_choice("input.augment", c.input.augment, ("default",) + AUGMENTATIONS)
   _check_choice("distributed.initialize", c.distributed.initialize, INITIALIZE_MODES)
@@ -427,6 +438,11 @@ def _check_batch_schedule(c) -> None:
                       "noise_scale.enabled=True")
   if not 0.0 <= c.noise_scale.decay < 1.0:
     raise ConfigError(f"noise_scale.decay={c.noise_scale.decay!r} must be in [0, 1)")
+  if c.noise_scale.enabled and c.accum_steps < 2 and c.mesh.fsdp > 1:
+    raise ConfigError(
+        f"noise_scale.enabled with mesh.fsdp={c.mesh.fsdp} needs accum_steps >= 2: split "
+        "parameters' gradients are summed over the fsdp group, so the small batch is a "
+        "microbatch of the global batch")
   if c.noise_scale.enabled and c.accum_steps < 2 and _cross_replica_loss(c):
     what = (f"model.norm={c.model.norm!r}" if cross_replica_statistics(
         c.model.norm, c.model.bcn_estimated) else "contrastive.negatives='global'")
@@ -466,6 +482,9 @@ def _check_training(c) -> None:
 
 def _check_devices(c, num_devices: int) -> None:
   """What must divide evenly over ``num_devices`` devices."""
+  if num_devices % c.mesh.fsdp:
+    raise ConfigError(f"mesh.fsdp={c.mesh.fsdp} does not divide the {num_devices} devices; "
+                      f"use a divisor of {num_devices}")
   for name in ("batch_size", "eval_batch_size"):
     if c[name] % num_devices:
       raise ConfigError(f"{name}={c[name]} is not divisible by the {num_devices} devices; "

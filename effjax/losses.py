@@ -17,6 +17,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from effjax.parallel import bound_axes
+
 SIGMOID_IMPLS = ("ring", "all_gather")
 
 
@@ -28,6 +30,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def _gather(x: jax.Array, axis_name: Optional[str]):
   """``(rows of all replicas, this replica's first row among them)``."""
+  axis_name = bound_axes(axis_name)
   if axis_name is None:
     return x, 0
   return (jax.lax.all_gather(x, axis_name, tiled=True),
@@ -165,6 +168,7 @@ def sigmoid_loss(x: jax.Array, y: jax.Array, logit_scale: jax.Array, logit_bias:
   x, y = l2_normalize(x), l2_normalize(y)
   scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
   bias = jnp.asarray(logit_bias, jnp.float32)
+  axis_name = bound_axes(axis_name)
   if axis_name is None or impl == "all_gather":
     all_y, offset = _gather(y, axis_name)
     logits = scale * (x @ all_y.T) + bias

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from effjax import parallel
+
 BALANCE_SCOPES = ("micro", "global")
 
 
@@ -106,7 +108,8 @@ def balance_loss(probs: jax.Array, assigned: jax.Array, axis_name: Optional[Any]
   counts = jnp.sum(assigned * w[:, None], axis=0)
   p_mean = jnp.sum(probs * w[:, None], axis=0) / jnp.maximum(jnp.sum(w), 1.0)
   if axis_name is not None:
-    counts = jax.lax.psum(counts, axis_name)  # The one extra all-reduce: N_E numbers.
+    # The one extra all-reduce: N_E numbers.
+    counts = jax.lax.psum(counts, parallel.bound_axes(axis_name))
   f = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts), 1.0))
   return probs.shape[-1] * jnp.sum(f * p_mean), f
 

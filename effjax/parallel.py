@@ -16,6 +16,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+# The mesh axes that hold different examples. ``fsdp`` also splits the state
+# (``effjax.fsdp``); where it is not bound (``pmap``, a user's 1-D mesh) collectives over
+# ``BATCH_AXES`` reduce over ``DATA_AXIS`` alone (``bound_axes``).
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 PARALLEL_MODES = ("shard_map", "pmap")
 # Set to 1 to check every compiled function's outputs for equality across replicas
 # (``Runner.compile``); the tests run with it on.
@@ -26,7 +31,27 @@ class ReplicationError(AssertionError):
   """A per-replica function returned an output that differs across replicas."""
 
 
-def replication_flags(tree: Any, axis_name: str = DATA_AXIS) -> jax.Array:
+def bound_axes(axis_name: Any) -> Any:
+  """``axis_name`` without ``FSDP_AXIS`` where that axis is not bound in the current
+  trace (``pmap``, a 1-D mesh): so a model or step written for ``BATCH_AXES`` runs under
+  every launcher. Other names are left as they are."""
+  if not isinstance(axis_name, tuple) or FSDP_AXIS not in axis_name:
+    return axis_name
+  try:
+    jax.lax.axis_size(FSDP_AXIS)
+    return axis_name
+  except NameError:
+    rest = tuple(a for a in axis_name if a != FSDP_AXIS)
+    return rest[0] if len(rest) == 1 else rest
+
+
+def batch_axes() -> Any:
+  """The bound axes that split the batch, inside a per-replica function: ``('data',
+  'fsdp')`` on effjax's mesh, ``'data'`` under ``pmap`` or on a 1-D mesh."""
+  return bound_axes(BATCH_AXES)
+
+
+def replication_flags(tree: Any, axis_name: Any = None) -> jax.Array:
   """One bool per leaf of ``tree``: whether it is bitwise identical on every replica of
   ``axis_name`` (NaNs included). Call inside the per-replica function."""
   def same(x):
@@ -38,8 +63,19 @@ def replication_flags(tree: Any, axis_name: str = DATA_AXIS) -> jax.Array:
                                            8: jnp.uint64}[x.dtype.itemsize])
     g = jax.lax.all_gather(x, axis_name)
     return jnp.all(g == g[0])
+  axis_name = batch_axes() if axis_name is None else axis_name
   leaves = jax.tree.leaves(tree)
   return jnp.stack([same(x) for x in leaves]) if leaves else jnp.ones((0,), bool)
+
+
+def _split_state_flags(state: Any, specs: Any) -> jax.Array:
+  """``replication_flags`` of a state whose leaves with an ``fsdp`` spec differ across
+  the ``fsdp`` axis by design: those are checked over ``DATA_AXIS`` only."""
+  leaves, spec_leaves = jax.tree.leaves(state), jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, P))
+  flags = [replication_flags([x], DATA_AXIS if any(a == FSDP_AXIS for a in s) else None)
+           for x, s in zip(leaves, spec_leaves)]
+  return jnp.concatenate(flags) if flags else jnp.ones((0,), bool)
 
 
 class _CheckedFn:
@@ -51,6 +87,7 @@ class _CheckedFn:
 
   def __init__(self, compiled: Callable):
     self._compiled = compiled
+    self.state_specs = getattr(compiled, "state_specs", None)
 
   def lower(self, *args, **kwargs):
     return self._compiled.lower(*args, **kwargs)
@@ -84,15 +121,27 @@ def size_cpu_thread_pool() -> None:
     os.environ["NPROC"] = str(max(2 * int(match.group(1)), os.cpu_count() or 1))
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1D ``Mesh`` over all devices along ``DATA_AXIS``, grouped by process.
+def make_mesh(devices=None, fsdp: int = 1) -> Mesh:
+  """The ``(data, fsdp)`` ``Mesh`` over all devices, grouped by process: ``fsdp``
+  consecutive devices form one group that splits the state (``effjax.fsdp``); all of
+  them hold different examples. ``fsdp=1`` is plain data parallelism.
 
-  Grouping by process keeps each process's rows of a global batch contiguous, which
-  the input pipeline's sharding relies on.
+  Grouping by process keeps each process's rows of a global batch contiguous (the batch
+  is split over both axes, in device order), which the input pipeline relies on.
+
+  Raises:
+    ValueError: ``fsdp`` does not divide the number of devices.
   """
   devices = devices if devices is not None else jax.devices()
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-  return Mesh(np.array(devices), (DATA_AXIS,))
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp!r} must be a positive divisor of the "
+                     f"{len(devices)} devices")
+  return Mesh(np.array(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
+
+
+# The TrainState fields that FSDP splits (``effjax.fsdp``'s rule); all else is replicated.
+SHARDED_FIELDS = ("params", "ema_params", "opt_state")
 
 
 class Runner:
@@ -100,54 +149,142 @@ class Runner:
 
   Attributes:
     mode: ``'shard_map'`` (jit over a Mesh) or ``'pmap'``.
-    mesh: the data-parallel mesh.
+    mesh: the ``(data, fsdp)`` mesh (or a user's 1-D ``data`` mesh).
+    fsdp: devices that split the parameters and optimizer state (1: all replicated).
     num_devices, num_local_devices: over all processes / this process.
   """
 
-  def __init__(self, mode: str = "shard_map", mesh: Mesh | None = None):
+  def __init__(self, mode: str = "shard_map", mesh: Mesh | None = None,
+               fsdp_min_size: int = 1024):
     if mode not in PARALLEL_MODES:
       raise ValueError(f"parallel={mode!r} is not one of {PARALLEL_MODES}")
     self.mode = mode
     self.mesh = mesh if mesh is not None else make_mesh()
+    self.fsdp = int(dict(self.mesh.shape).get(FSDP_AXIS, 1))
+    if mode == "pmap" and self.fsdp > 1:
+      raise ValueError(f"parallel='pmap' has one axis; mesh.fsdp={self.fsdp} needs "
+                       "parallel='shard_map'")
+    self.fsdp_min_size = fsdp_min_size
     self.num_devices = self.mesh.devices.size
     self.num_local_devices = sum(d.process_index == jax.process_index()
                                  for d in self.mesh.devices.flat)
+    axes = tuple(a for a in BATCH_AXES if a in self.mesh.axis_names)
+    self.batch_spec = P(axes if len(axes) > 1 else axes[0])
     self.replicated = NamedSharding(self.mesh, P())
-    self.sharded = NamedSharding(self.mesh, P(DATA_AXIS))
+    self.sharded = NamedSharding(self.mesh, self.batch_spec)
     self._concat: dict[int, Callable] = {}
+
+  @classmethod
+  def from_config(cls, config) -> "Runner":
+    """The runner of ``config.parallel`` on a ``(data, config.mesh.fsdp)`` mesh."""
+    return cls(config.parallel, make_mesh(fsdp=int(config.mesh.fsdp)),
+               fsdp_min_size=int(config.mesh.fsdp_min_size))
+
+  def _split(self, state: Any) -> bool:
+    return self.fsdp > 1 and all(hasattr(state, f) for f in SHARDED_FIELDS + ("replace",))
+
+  def state_specs(self, state: Any) -> Any:
+    """The ``PartitionSpec``s of a state with global shapes: ``effjax.fsdp``'s rule for
+    the parameters, their EMA and the optimizer state; ``P()`` (replicated) for the rest
+    and for any state when ``fsdp == 1``."""
+    from effjax import fsdp as fsdp_lib  # pylint: disable=g-import-not-at-top
+    if not self._split(state):
+      return P()
+    specs = jax.tree.map(lambda _: P(), state)
+    return specs.replace(**{f: fsdp_lib.partition_specs(getattr(state, f), self.fsdp,
+                                                        self.fsdp_min_size)
+                            for f in SHARDED_FIELDS})
+
+  def with_fsdp_dims(self, state: Any) -> Any:
+    """``state`` with ``fsdp_dims`` (the static split dimension of each parameter) set
+    for this mesh; unchanged for other states."""
+    from effjax import fsdp as fsdp_lib  # pylint: disable=g-import-not-at-top
+    if not hasattr(state, "fsdp_dims"):
+      return state
+    dims = fsdp_lib.leaf_dims(state.params, self.fsdp, self.fsdp_min_size) if \
+        self._split(state) else ()
+    return state if state.fsdp_dims == dims else state.replace(fsdp_dims=dims)
+
+  def state_shardings(self, items: dict) -> dict:
+    """The ``NamedSharding`` of each array of a state's ``items()`` (checkpoint restore
+    targets on this mesh)."""
+    from effjax import fsdp as fsdp_lib  # pylint: disable=g-import-not-at-top
+    def field(name, tree):
+      if self.fsdp > 1 and name in SHARDED_FIELDS:
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s),
+                            fsdp_lib.partition_specs(tree, self.fsdp, self.fsdp_min_size))
+      return jax.tree.map(lambda _: self.replicated, tree)
+    return {k: field(k, v) for k, v in items.items()}
+
+  def place_state(self, state: Any) -> Any:
+    """A host (or device) ``TrainState`` -> on the devices: split per ``state_specs``
+    (FSDP) or replicated, with ``fsdp_dims`` set."""
+    if not self._split(state):
+      return self.with_fsdp_dims(state.replace(**self.replicate(state.items())))
+    def put(x, s):
+      if isinstance(x, jax.Array) and x.sharding == s:
+        return x  # Already in place (a checkpoint restored onto this mesh).
+      x = np.asarray(jax.device_get(x))
+      return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    items = state.items()
+    return self.with_fsdp_dims(state.replace(**jax.tree.map(put, items,
+                                                            self.state_shardings(items))))
 
   def compile(self, fn: Callable, donate_state: bool = True,
               check_replicated: Optional[bool] = None) -> Callable:
     """Compiles ``fn(state, batch) -> outputs`` to run once per replica.
 
-    The state is replicated, the batch split along its leading axis, and every output
-    must be identical across replicas (reduce it over ``DATA_AXIS``).
+    The state is replicated (or, on a mesh with ``fsdp > 1``, split per
+    ``state_specs``), the batch split along its leading axis over all devices, and every
+    output must be identical across replicas (reduce it over the batch axes). A donated
+    state is returned first, laid out as it came in: ``fn(state, batch) -> (state,
+    rest)``.
 
     Args:
       fn: the per-replica function.
       donate_state: donate the state's buffers to the outputs.
       check_replicated: after every call, check that each output is identical on all
-        replicas and raise ``ReplicationError`` naming those that are not (one extra
-        all-gather and a wait per call: for tests and debugging). Default: on when the
-        environment sets ``EFFJAX_CHECK_REPLICATED=1``.
+        replicas (split state leaves: on all replicas of ``data``) and raise
+        ``ReplicationError`` naming those that are not (one extra all-gather and a wait
+        per call: for tests and debugging). Default: on when the environment sets
+        ``EFFJAX_CHECK_REPLICATED=1``.
     """
     if check_replicated is None:
       check_replicated = os.environ.get(CHECK_REPLICATED_ENV, "0") == "1"
-    if check_replicated:
-      inner = fn
-      fn = lambda *args: (lambda out: (out, replication_flags(out)))(inner(*args))
-    compiled = self._compile(fn, donate_state)
+    if self.mode == "pmap":
+      if check_replicated:
+        inner = fn
+        fn = lambda *args: (lambda out: (out, replication_flags(out)))(inner(*args))
+      donate = (0,) if donate_state else ()
+      compiled = jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=donate)
+    else:
+      compiled = self._compile_shard_map(fn, donate_state, check_replicated)
     return _CheckedFn(compiled) if check_replicated else compiled
 
-  def _compile(self, fn: Callable, donate_state: bool) -> Callable:
-    donate = (0,) if donate_state else ()
-    if self.mode == "pmap":
-      return jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=donate)
+  def _compile_shard_map(self, fn: Callable, donate_state: bool, check: bool) -> Callable:
     # check_vma=False: with it on, shard_map's autodiff sums gradients of replicated
     # inputs over the axis by itself, and the explicit pmean that pmap needs would then
     # scale them. Off, one per-replica function means the same thing under both paths.
-    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)),
-                                 out_specs=P(), check_vma=False), donate_argnums=donate)
+    def run(state, batch):
+      state = self.with_fsdp_dims(state)
+      specs = self.state_specs(state)
+      split = donate_state and self._split(state)
+      out_specs = (specs, P()) if split else P()
+
+      def per_replica(s, b):
+        out = fn(s, b)
+        if not check:
+          return out
+        if split:
+          flags = jnp.concatenate([_split_state_flags(out[0], specs),
+                                   replication_flags(out[1:])])
+        else:
+          flags = replication_flags(out)
+        return out, flags
+      return jax.shard_map(per_replica, mesh=self.mesh, in_specs=(specs, self.batch_spec),
+                           out_specs=(out_specs, P()) if check else out_specs,
+                           check_vma=False)(state, batch)
+    return jax.jit(run, donate_argnums=(0,) if donate_state else ())
 
   def compile_rows(self, fn: Callable) -> Callable:
     """Compiles ``fn(state, batch) -> per-row outputs`` to run once per replica; the
@@ -155,8 +292,13 @@ class Runner:
     ``rows_to_host``)."""
     if self.mode == "pmap":
       return jax.pmap(fn, axis_name=DATA_AXIS)
-    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)),
-                                 out_specs=P(DATA_AXIS), check_vma=False))
+
+    def run(state, batch):
+      state = self.with_fsdp_dims(state)
+      return jax.shard_map(fn, mesh=self.mesh, in_specs=(self.state_specs(state),
+                                                         self.batch_spec),
+                           out_specs=self.batch_spec, check_vma=False)(state, batch)
+    return jax.jit(run)
 
   def rows_to_host(self, tree: Any) -> Any:
     """Outputs of ``compile_rows`` -> numpy, all processes' rows in global order."""
@@ -213,8 +355,8 @@ class Runner:
         self._concat[k] = jax.pmap(cat, axis_name=DATA_AXIS)
       else:
         self._concat[k] = jax.jit(jax.shard_map(cat, mesh=self.mesh,
-                                                in_specs=(P(DATA_AXIS),) * k,
-                                                out_specs=P(DATA_AXIS), check_vma=False))
+                                                in_specs=(self.batch_spec,) * k,
+                                                out_specs=self.batch_spec, check_vma=False))
     return self._concat[k](*batches)
 
   def to_host(self, tree: Any) -> Any:
@@ -253,6 +395,7 @@ def group_psum(tree: Any, axis_name: Any, group_size: int | None = None) -> Any:
   Raises:
     ValueError: if ``group_size`` does not divide the axis size.
   """
+  axis_name = bound_axes(axis_name)
   n = jax.lax.axis_size(axis_name)
   if group_size is None or group_size == n:
     return jax.lax.psum(tree, axis_name)

@@ -14,10 +14,11 @@ import optax
 from flax import struct
 
 from effjax import adaptive as adaptive_lib
+from effjax import fsdp as fsdp_lib
 from effjax import stats as stats_lib
 from effjax.optim.factory import is_lr_injected, set_learning_rate
 from effjax.optim.transforms import trust_ratio_stats
-from effjax.parallel import DATA_AXIS, global_norm, global_sq_norm
+from effjax.parallel import DATA_AXIS, batch_axes
 from effjax import tasks as task_lib
 from effjax.tasks import CLASSIFICATION, Task
 from effjax.tasks.classification import cross_entropy  # Re-exported (effjax.cross_entropy).
@@ -54,6 +55,10 @@ class TrainState(struct.PyTreeNode):
       (base batches consumed, current multiplier); the step then sets the optimizer's LR
       to ``schedule(base_step)`` times the scaling rule's factor (an empty dict when off).
     apply_fn, tx, schedule: the model's apply, the optimizer, the LR schedule (static).
+    fsdp_dims: the dimension each parameter (``jax.tree.leaves`` order) is split along
+      over the ``fsdp`` mesh axis, -1 for replicated; ``()``: none is split (static; set
+      by ``Runner.place_state``). Then ``params``, ``ema_params`` and ``opt_state`` are
+      per-device shards inside the step (``effjax.fsdp``).
   """
   step: jax.Array
   params: Any
@@ -67,9 +72,12 @@ class TrainState(struct.PyTreeNode):
   apply_fn: Callable = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   schedule: Callable = struct.field(pytree_node=False)
+  fsdp_dims: tuple = struct.field(pytree_node=False, default=())
 
   def variables(self, params=None) -> dict:
-    v = {"params": self.params if params is None else params}
+    """The model's variables; inside a per-replica step, the split parameters are
+    gathered first (``effjax.fsdp.gather``)."""
+    v = {"params": fsdp_lib.gather(self.params, self.fsdp_dims) if params is None else params}
     if self.batch_stats:
       v["batch_stats"] = self.batch_stats
     return v
@@ -124,8 +132,11 @@ def as_per_replica(tree: Any, batch: dict) -> Any:
   """
   if DATA_AXIS not in _varying_axes(jax.tree.leaves(batch)[0]):
     return tree
-  cast = lambda x: x if DATA_AXIS in _varying_axes(x) else jax.lax.pcast(
-      x, DATA_AXIS, to="varying")
+  axes = batch_axes()
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  def cast(x):
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
   return jax.tree.map(cast, tree)
 
 
@@ -134,15 +145,18 @@ def dropout_rng(seed: int, step: jax.Array, microbatch: int | jax.Array) -> jax.
   microbatch)`` folded in, so a resumed run replays the same masks, and no two replicas
   or microbatches share one."""
   key = jax.random.fold_in(jax.random.key(seed), step)
-  key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+  key = jax.random.fold_in(key, jax.lax.axis_index(batch_axes()))
   return jax.random.fold_in(key, microbatch)
 
 
 def _loss_and_grads(task: Task, state: TrainState, params, batch_stats, batch: dict, rng):
-  """The task's ``LossOutput`` on one (micro)batch, and the gradient of its loss *sum*."""
+  """The task's ``LossOutput`` on one (micro)batch, and the gradient of its loss *sum*
+  (with respect to this device's shards of split parameters: the transpose of their
+  gather sums it over the ``fsdp`` group)."""
   model_state = {"batch_stats": batch_stats} if batch_stats else {}
 
   def loss_fn(p):
+    p = fsdp_lib.gather(p, state.fsdp_dims)
     out = task.loss(state.apply_fn, {"params": p, **model_state}, batch, rng)
     return out.loss, out
 
@@ -172,9 +186,10 @@ def _micro_sums(task, state, params, stats, mb, rng, small_batch):
   out, g = _loss_and_grads(task, state, params, stats, mb, rng)
   s = _Sums(g, out.loss, out.weight, out.metrics, jnp.zeros((), jnp.float32))
   if small_batch == "microbatch":
-    s = jax.lax.pmean(s, DATA_AXIS)
+    s, _ = _pmean(s, {}, state.fsdp_dims)
   if small_batch:
-    s = s._replace(small_sq=global_sq_norm(jax.tree.map(lambda x: x / s.weight, s.grads)))
+    s = s._replace(small_sq=fsdp_lib.sq_norm(jax.tree.map(lambda x: x / s.weight, s.grads),
+                                             state.fsdp_dims))
   return s, out.model_state.get("batch_stats", {})
 
 
@@ -273,7 +288,8 @@ def _noise_scale(state: TrainState, small_sq, big_sq, b_small: int, b_big: int, 
 def _metrics(new_state: TrainState, loss, task_metrics: dict, lr, grad_norm, update_norm,
              nonfinite: str, noise_scale_decay: float) -> dict:
   metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in task_metrics.items()},
-             "lr": lr, "grad_norm": grad_norm, "param_norm": global_norm(new_state.params),
+             "lr": lr, "grad_norm": grad_norm,
+             "param_norm": jnp.sqrt(fsdp_lib.sq_norm(new_state.params, new_state.fsdp_dims)),
              "update_norm": update_norm}
   if nonfinite == "skip":
     metrics["nonfinite/skipped"] = new_state.skips.total.astype(jnp.float32)
@@ -283,7 +299,27 @@ def _metrics(new_state: TrainState, loss, task_metrics: dict, lr, grad_norm, upd
   return metrics
 
 
-def _reduce(sums: "_Sums", batch_stats, reduced: bool):
+def _pmean(sums: _Sums, batch_stats, dims: tuple):
+  """The mean over all replicas of the sums and BN statistics: one ``pmean`` over the
+  batch axes. Gradients of split parameters (``dims``), already summed over their
+  ``fsdp`` group by the gather's transpose, are summed over ``data`` only and divided
+  by the replica count, so they equal the replicated parameters' mean."""
+  axes = batch_axes()
+  if not dims:
+    return jax.lax.pmean((sums, batch_stats), axes)
+  leaves, treedef = jax.tree.flatten(sums.grads)
+  split = [x for x, d in zip(leaves, dims) if d != fsdp_lib.REPLICATED]
+  rest = [x for x, d in zip(leaves, dims) if d == fsdp_lib.REPLICATED]
+  n = jax.lax.axis_size(axes)
+  split = iter([x / n for x in jax.lax.psum(split, DATA_AXIS)])
+  rest, others, batch_stats = jax.lax.pmean((rest, sums._replace(grads=None), batch_stats),
+                                            axes)
+  rest = iter(rest)
+  grads = [next(split) if d != fsdp_lib.REPLICATED else next(rest) for d in dims]
+  return others._replace(grads=jax.tree.unflatten(treedef, grads)), batch_stats
+
+
+def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
   """The one all-reduce of the step: gradient, loss and metric sums and their weight,
   the BN statistics and the small-batch norms; returns the global means.
 
@@ -292,7 +328,7 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool):
   divided by the summed weight give the mean over the global batch, also when replicas
   hold different numbers of real tokens."""
   if not reduced:
-    sums, batch_stats = jax.lax.pmean((sums, batch_stats), DATA_AXIS)
+    sums, batch_stats = _pmean(sums, batch_stats, dims)
   w = sums.weight
   grads = jax.tree.map(lambda g: g / w, sums.grads)
   return (grads, sums.loss / w, {k: v / w for k, v in sums.metrics.items()}, sums.small_sq,
@@ -320,7 +356,7 @@ def _apply_or_keep(state: TrainState, grads, lr, loss, grad_norm, batch_stats, n
     updates, opt_state, params = _update(state, grads, lr)
     new = {"params": params, "opt_state": opt_state, "batch_stats": batch_stats,
            "ema_params": _ema(state.ema_params, params, ema_decay), "noise_scale": noise}
-    return new, global_norm(updates)
+    return new, jnp.sqrt(fsdp_lib.sq_norm(updates, state.fsdp_dims))
 
   def keep():
     return old, jnp.where(inputs_finite, 0.0, jnp.nan).astype(jnp.float32)
@@ -427,7 +463,11 @@ def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
   if noise_small_batch not in SMALL_BATCHES:
     raise ValueError(f"noise_small_batch={noise_small_batch!r} is not one of {SMALL_BATCHES}")
   noise_on = isinstance(state.noise_scale, stats_lib.NoiseScaleState)
-  n = jax.lax.axis_size(DATA_AXIS)
+  n = jax.lax.axis_size(batch_axes())
+  if noise_on and noise_small_batch == "replica" and state.fsdp_dims:
+    raise ValueError("noise_small_batch='replica' needs each replica's own gradient; with "
+                     "split parameters (mesh.fsdp > 1) their gradients are summed over the "
+                     "fsdp group: use 'microbatch'")
   b_small = b // accum_steps * (n if noise_small_batch == "microbatch" else 1)
   if noise_on and b_small >= b * n:
     raise ValueError(f"the noise scale needs two batch sizes; its small batch "
@@ -435,9 +475,10 @@ def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
                      "use more replicas or accum_steps > 1")
   sums, batch_stats, reduced = _grads(task, state, batch, accum_steps, accum_unroll,
                                       noise_small_batch if noise_on else None, seed)
-  grads, loss, task_metrics, small_sq, batch_stats = _reduce(sums, batch_stats, reduced)
+  grads, loss, task_metrics, small_sq, batch_stats = _reduce(sums, batch_stats, reduced,
+                                                             state.fsdp_dims)
   lr, size_state = _learning_rate(state, lr_factor, max_learning_rate, batch_multiplier)
-  grad_norm = global_norm(grads)
+  grad_norm = jnp.sqrt(fsdp_lib.sq_norm(grads, state.fsdp_dims))
   noise = state.noise_scale
   if noise_on:
     noise = _noise_scale(state, small_sq / accum_steps, jnp.square(grad_norm), b_small,
@@ -459,7 +500,7 @@ def eval_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION):
 
   ``batch['mask']`` is 0 on padding rows, which therefore count nowhere.
   """
-  return jax.lax.psum(task.eval_sums(state.apply_fn, state.variables(), batch), DATA_AXIS)
+  return jax.lax.psum(task.eval_sums(state.apply_fn, state.variables(), batch), batch_axes())
 
 
 def eval_rows_step(state: TrainState, batch: dict, task: Task):

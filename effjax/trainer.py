@@ -26,6 +26,7 @@ from effjax import adaptive as adaptive_lib
 from effjax import checkpoint as ckpt_lib
 from effjax import config as config_lib
 from effjax import data as data_lib
+from effjax import fsdp as fsdp_lib
 from effjax import metrics as metrics_lib
 from effjax import models
 from effjax import optim
@@ -157,14 +158,15 @@ def preprocess_fns(config, spec: data_lib.DatasetSpec, task: Optional[tasks.Task
 
 def build(config, with_data: bool = True, runner: Optional[Runner] = None,
           num_devices: Optional[int] = None, task: Optional[tasks.Task] = None,
-          model: Any = None) -> Setup:
+          model: Any = None, abstract: bool = False) -> Setup:
   """Validates ``config`` and builds the runner, data sources, task, model and initial
   state.
 
   ``num_devices`` is the device count to validate and size for (default: the runner's);
   ``dry_run`` sizes a pod config while compiling for one device. ``task`` and ``model``
-  replace the config's (``config.task``, ``config.model``): a user's own."""
-  runner = runner or Runner(config.parallel)
+  replace the config's (``config.task``, ``config.model``): a user's own. ``abstract``:
+  the state's arrays are ``ShapeDtypeStruct``s (nothing is allocated)."""
+  runner = runner or Runner.from_config(config)
   num_devices = num_devices or runner.num_devices
   config_lib.validate(config, num_devices)
   if with_data:
@@ -176,17 +178,30 @@ def build(config, with_data: bool = True, runner: Optional[Runner] = None,
     model = models.create_model(
         config.model, spec.num_classes, _dtype(config), seq_len=config.dataset.seq_len,
         logit_params=config.task == "contrastive" and config.contrastive.loss == "sigmoid")
-  tx, schedule = optim.create_optimizer(config, config.num_train_steps, inject_lr=True)
+  input_shape = data_lib.input_shape(spec, config.dataset.seq_len)
+  tx, schedule = optim.create_optimizer(config, config.num_train_steps, inject_lr=True,
+                                        sharded=_sharded_mask(runner, model, task, input_shape))
   noise_scale = config.noise_scale.enabled
   if noise_scale and num_devices == 1 and config.accum_steps == 1:
     logging.warning("noise_scale.enabled is ignored: estimating it needs two batch sizes, "
                     "i.e. more than one device or accum_steps > 1")
     noise_scale = False
-  state = steps.create_train_state(
-      jax.random.key(config.seed), model, tx, schedule,
-      data_lib.input_shape(spec, config.dataset.seq_len), ema=config.ema.enabled,
-      noise_scale=noise_scale, adaptive_batch=config.batch_schedule != "fixed", task=task)
+  make_state = functools.partial(
+      steps.create_train_state, jax.random.key(config.seed), model, tx, schedule,
+      input_shape, ema=config.ema.enabled, noise_scale=noise_scale,
+      adaptive_batch=config.batch_schedule != "fixed", task=task)
+  state = jax.eval_shape(make_state) if abstract else make_state()
   return Setup(config, runner, spec, model, state, train, evals, task)
+
+
+def _sharded_mask(runner: Runner, model, task, input_shape):
+  """``effjax.fsdp.sharded_mask`` of the model's parameters on the runner's mesh (None
+  without FSDP)."""
+  if runner.fsdp == 1:
+    return None
+  params = jax.eval_shape(lambda r: task.init_variables(model, r, tuple(input_shape)),
+                          jax.random.key(0))["params"]
+  return fsdp_lib.sharded_mask(params, runner.fsdp, runner.fsdp_min_size)
 
 
 def compile_eval(setup: Setup):
@@ -299,8 +314,10 @@ def make_train_step(config, multiplier: int = 1, task: Optional[tasks.Task] = No
       lr_factor=adaptive_lib.lr_factor(multiplier, config.optimizer.scaling_rule),
       max_learning_rate=config.adaptive.max_learning_rate,
       nonfinite=config.nonfinite, max_consecutive_skips=config.max_consecutive_skips,
-      noise_small_batch=("microbatch" if (task.cross_replica or models.cross_replica_statistics(
-          config.model.norm, config.model.bcn_estimated)) else "replica"),
+      noise_small_batch=("microbatch" if (task.cross_replica or config.mesh.fsdp > 1 or
+                                          models.cross_replica_statistics(
+                                              config.model.norm, config.model.bcn_estimated))
+                         else "replica"),
       seed=config.seed)
 
 
@@ -436,7 +453,7 @@ class _Run:
     self.loop = _Loop(step=start, opt_step=int(first(host_items["step"])),
                       multiplier=int(first(size.multiplier)) if size else 1,
                       data_state=restored.data if restored.step is not None else None)
-    self.state = setup.state.replace(**runner.replicate(host_items))
+    self.state = runner.place_state(setup.state.replace(**host_items))
     if self.primary:
       _save_config(workdir, config)
     self._train_fns: dict = {}
@@ -458,7 +475,8 @@ class _Run:
         logging.warning("restore='ignore': moved the existing checkpoints to %s", moved)
       return ckpt_lib.Restored(None)
     return self.checkpointer.restore_latest(
-        ckpt_lib.abstract_like(self.setup.state.items(), self.runner.replicated))
+        ckpt_lib.abstract_like(self.setup.state.items(),
+                               self.runner.state_shardings(self.setup.state.items())))
 
   def _input_stream(self, data_state):
     config = self.config
@@ -702,7 +720,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       was written first (see ``effjax.preemption``).
   """
   t_start = time.perf_counter()
-  runner = Runner(config.parallel)
+  runner = Runner.from_config(config)
   config_lib.validate(config, runner.num_devices)
   done = _finished_target_run(os.fspath(ckpt_lib.resolve_path(workdir)), config)
   if done is not None:  # Stopped at its target with this very config: nothing left to do.
@@ -781,25 +799,44 @@ def _sizing_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
+def _bytes_split(tree: Any, k: int, min_size: int) -> int:
+  """Bytes one device holds of ``tree`` (global shapes) when ``effjax.fsdp``'s rule splits
+  it over ``k`` devices."""
+  total = 0
+  for x, d in zip(jax.tree.leaves(tree), jax.tree.leaves(fsdp_lib.shard_dims(tree, k,
+                                                                             min_size))):
+    total += x.size * jnp.dtype(x.dtype).itemsize // (k if d != fsdp_lib.REPLICATED else 1)
+  return total
+
+
 def dry_run(config: ml_collections.ConfigDict) -> dict:
-  """Builds everything and compiles one train step, without data or training.
+  """Builds everything and compiles one train step, without data, training or allocating
+  the state.
 
   With ``config.dry_run_devices = N`` the step is sized for N devices (per-device batch
-  ``batch_size / N``) and compiled for one of them, so a pod config can be checked on a
-  laptop.
+  ``batch_size / N``) on the mesh ``(N / mesh.fsdp, mesh.fsdp)`` and compiled for one of
+  them, so a pod config can be checked on a laptop.
 
   Returns:
-    ``num_params``, ``per_device_batch``, ``num_devices``, ``flops_per_step`` (XLA cost
-    analysis, all devices) and ``memory_per_device_bytes`` (arguments + outputs + temporaries
-    of the compiled step, less donated buffers).
+    ``num_params``, ``per_device_batch``, ``num_devices``, ``mesh`` ``(data, fsdp)``,
+    ``flops_per_step`` (XLA cost analysis, all devices), ``memory_per_device_bytes``
+    (the sum of the parts) and ``memory`` by part, per device: ``params``,
+    ``optimizer`` and ``ema`` (their shards under ``effjax.fsdp``'s rule, from the
+    global shapes), ``gathered_params`` (the full parameters the step all-gathers for
+    the forward pass; 0 without FSDP) and ``activations`` (the temporaries of the step
+    compiled for one device at the per-device batch: activations, full-size gradients
+    before their reduce-scatter, and the update's buffers).
   """
   n = int(config.dry_run_devices) or len(jax.devices())
   config_lib.validate(config, n)
+  k, min_size = int(config.mesh.fsdp), int(config.mesh.fsdp_min_size)
   config = _sizing_config(config)
   runner = Runner("shard_map", make_mesh(jax.devices()[:1]))
-  setup = build(config, with_data=False, runner=runner, num_devices=n)
+  setup = build(config, with_data=False, runner=runner, num_devices=n, abstract=True)
   per_device = config.batch_size // n
-  state = setup.state.replace(**runner.replicate(setup.state.items()))
+  state = setup.state.replace(**jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=runner.replicated),
+      setup.state.items()))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=runner.sharded),
                        example_batch(setup.spec, config, per_device, setup.task))
   fn = runner.compile(make_train_step(config), check_replicated=False)
@@ -807,14 +844,18 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
-  memory = None
-  if mem is not None:
-    memory = int(mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                 mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  parts = {"params": _bytes_split(state.params, k, min_size),
+           "optimizer": _bytes_split(state.opt_state, k, min_size),
+           "ema": _bytes_split(state.ema_params, k, min_size),
+           "gathered_params": _bytes_split(state.params, 1, min_size) if k > 1 else 0,
+           "activations": int(mem.temp_size_in_bytes) if mem is not None else None}
+  total = None if parts["activations"] is None else int(sum(parts.values()))
   return {
       "num_params": int(sum(x.size for x in jax.tree.leaves(setup.state.params))),
       "per_device_batch": per_device,
       "num_devices": n,
+      "mesh": (n // k, k),
       "flops_per_step": float(cost.get("flops", float("nan"))) * n,
-      "memory_per_device_bytes": memory,
+      "memory_per_device_bytes": total,
+      "memory": parts,
   }

@@ -4,6 +4,7 @@ Examples:
   python -m experiments.train --config=configs/mnist1d_large_batch.py --workdir=/tmp/lb
   python -m experiments.train --config=configs/imagenet_resnet50.py --workdir=/tmp/x \
       --dry_run --config.dry_run_devices=256
+  python -m experiments.train --config=configs/lm_python_stdlib.py:1.3b --dry_run
 
 Exit codes: 0 done; 2 bad config, flag, workdir, dataset, or checkpoints in the workdir
 that do not match the config (nothing written); 3 non-finite loss (the last checkpoint
@@ -87,9 +88,13 @@ def main(argv):
       mem = info["memory_per_device_bytes"]
       print(f"parameters:           {info['num_params']:,}")
       print(f"devices:              {info['num_devices']}")
+      print("mesh (data, fsdp):    ({}, {})".format(*info["mesh"]))
       print(f"per-device batch:     {info['per_device_batch']}")
       print(f"FLOPs per step:       {info['flops_per_step']:.4g}")
-      print("memory per device:    " + (f"{mem / 2**20:.1f} MiB" if mem is not None else "n/a"))
+      mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"
+      print("memory per device:    " + mib(mem))
+      for part, nbytes in info["memory"].items():
+        print(f"  {part + ':':20s}{mib(nbytes)}")
       return
     if not FLAGS.workdir:
       fail("--workdir is required")

@@ -4,7 +4,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from effjax.parallel import DATA_AXIS
+from effjax.parallel import BATCH_AXES
 
 from effjax.models.norms import (BATCH_NORMS, CONVS, NORMS, NormConfig, cross_replica_statistics,
                                  make_conv,
@@ -62,7 +62,7 @@ def create_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
                      moe_experts=int(model_config.moe.num_experts),
                      moe_top_k=int(model_config.moe.top_k),
                      moe_capacity_factor=float(model_config.moe.capacity_factor),
-                     moe_balance_axis=(DATA_AXIS if model_config.moe.balance == "global"
+                     moe_balance_axis=(BATCH_AXES if model_config.moe.balance == "global"
                                        else None), dtype=dtype)
   if name == "resnet20":
     return resnet20(num_classes, norm=norm, dtype=dtype)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from effjax.nn import BatchChannelNorm, BatchNorm, WSConv
-from effjax.parallel import DATA_AXIS
+from effjax.parallel import BATCH_AXES
 
 NORMS = ("batch", "sync_batch", "group_batch", "ghost_batch", "layer", "group",
          "batch_channel", "none")
@@ -34,7 +34,7 @@ class NormConfig:
     kind: one of ``NORMS``:
       ``batch``: BatchNorm over each replica's batch (running averages are made identical
       by the train step's ``pmean``);
-      ``sync_batch``: over the global batch (``axis_name=DATA_AXIS``);
+      ``sync_batch``: over the global batch (``axis_name=BATCH_AXES``);
       ``group_batch``: over groups of ``group_size`` consecutive replicas;
       ``ghost_batch``: over ghost batches of ``virtual_batch_size`` examples per replica;
       ``layer``, ``group`` (GroupNorm with ``num_groups``), ``batch_channel``
@@ -106,16 +106,16 @@ def make_norm(norm: "str | NormConfig", *, train: bool,
   if n.kind == "batch":
     return bn
   if n.kind == "sync_batch":
-    return functools.partial(bn, axis_name=DATA_AXIS)
+    return functools.partial(bn, axis_name=BATCH_AXES)
   if n.kind == "group_batch":
-    return functools.partial(bn, axis_name=DATA_AXIS, group_size=n.group_size)
+    return functools.partial(bn, axis_name=BATCH_AXES, group_size=n.group_size)
   if n.kind == "ghost_batch":
-    return functools.partial(bn, axis_name=DATA_AXIS, virtual_batch_size=n.virtual_batch_size)
+    return functools.partial(bn, axis_name=BATCH_AXES, virtual_batch_size=n.virtual_batch_size)
   if n.kind == "batch_channel":
     return functools.partial(_BatchChannelNorm, num_groups=n.num_groups,
                              use_running_average=not train,
                              estimated_statistics=n.bcn_estimated, momentum=n.momentum,
-                             epsilon=n.epsilon, dtype=dtype, axis_name=DATA_AXIS)
+                             epsilon=n.epsilon, dtype=dtype, axis_name=BATCH_AXES)
   if n.kind == "layer":
     return functools.partial(nn.LayerNorm, epsilon=n.epsilon, dtype=dtype)
   if n.kind == "group":

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from effjax.parallel import group_psum
+from effjax.parallel import bound_axes, group_psum
 
 Axes = int | Sequence[int]
 
@@ -214,7 +214,7 @@ def batch_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | N
   mean, var, count = (a.reshape((num_stats, -1)) for a in (mean, var, count))
   sums = jnp.stack([jnp.sum(count * mean, 0), jnp.sum(count * var, 0), jnp.sum(count, 0)])
   if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
+    sums = jax.lax.psum(sums, bound_axes(axis_name))
   total = jnp.maximum(sums[2], 1)
   return y, (sums[0] / total).reshape(feature_shape), (sums[1] / total).reshape(feature_shape)
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from effjax.optim import transforms
+from effjax.parallel import FSDP_AXIS
 from effjax.optim.schedules import warmup_schedule
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb", "tvlars")
@@ -32,9 +33,11 @@ def decay_mask(kind: str, stacked: Any = None):
 DEFAULT_EPS = {"adamw": 1e-8, "lamb": 1e-6}
 
 
-def _build(o, lr, stacked=None) -> optax.GradientTransformation:
+def _build(o, lr, stacked=None, sharded=None) -> optax.GradientTransformation:
   """The chain for ``config.optimizer`` ``o`` at learning rate ``lr`` (a number or a
-  schedule); ``stacked`` marks parameters with a stacked layer axis."""
+  schedule); ``stacked`` marks parameters with a stacked layer axis; ``sharded`` (a
+  function of the parameters) those split over the ``fsdp`` axis, whose norms are
+  summed over it."""
   wd = float(o.weight_decay)
   mask = decay_mask(o.weight_decay_mask, stacked)
   eps = DEFAULT_EPS.get(o.name) if o.get("eps") is None else float(o.eps)
@@ -49,7 +52,8 @@ def _build(o, lr, stacked=None) -> optax.GradientTransformation:
   if o.name not in ("lars", "tvlars", "lamb"):
     raise ValueError(f"optimizer.name={o.name!r} is not one of {OPTIMIZERS}")
   common = dict(weight_decay=wd, weight_decay_mask=mask, stacked=stacked,
-                trust_ratio_mask=decay_mask(o.trust_ratio_mask, stacked))
+                trust_ratio_mask=decay_mask(o.trust_ratio_mask, stacked),
+                axis_name=FSDP_AXIS if sharded is not None else None, sharded=sharded)
   max_ratio = float(o.max_trust_ratio) if o.max_trust_ratio > 0 else None
   if o.name == "lars":
     return transforms.lars(lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient,
@@ -64,7 +68,8 @@ def _build(o, lr, stacked=None) -> optax.GradientTransformation:
                            **common)
 
 
-def create_optimizer(config: Any, total_steps: int, inject_lr: bool = False):
+def create_optimizer(config: Any, total_steps: int, inject_lr: bool = False,
+                     sharded: Any = None):
   """Returns ``(tx, schedule)`` for ``config.optimizer`` and ``config.schedule``.
 
   Args:
@@ -79,6 +84,9 @@ def create_optimizer(config: Any, total_steps: int, inject_lr: bool = False):
       reached). The LR then sits where each optimizer applies it: LARS and TVLARS scale
       by it *before* their momentum trace, so it cannot be applied to the output instead.
       Without it, ``tx`` follows ``schedule`` by its own update count.
+    sharded: for parameters split over the ``fsdp`` mesh axis, a function of the
+      parameters marking them (``effjax.fsdp.sharded_mask``): trust ratios and the
+      prenorm's global norm then sum their squares over ``fsdp``. None: replicated.
 
   Returns:
     An ``optax.GradientTransformation`` and the learning-rate schedule.
@@ -91,11 +99,12 @@ def create_optimizer(config: Any, total_steps: int, inject_lr: bool = False):
   model = config.get("model")
   stacked = transforms.stacked_mask if model is not None and model.get("scan_layers") else None
   if inject_lr:
-    tx = optax.inject_hyperparams(lambda learning_rate: _build(o, learning_rate, stacked),
+    tx = optax.inject_hyperparams(lambda learning_rate: _build(o, learning_rate, stacked,
+                                                               sharded),
                                   hyperparam_dtype=jnp.float32)(
                                       learning_rate=float(schedule(0)))
   else:
-    tx = _build(o, schedule, stacked)
+    tx = _build(o, schedule, stacked, sharded)
   return tx, schedule
 
 

@@ -10,7 +10,8 @@ are ``True`` (and LAMB has no clipping or prenorm):
   the state (``ScaleByTrustRatioState``), so a train loop can log them.
 * With ``axis_name``, the squared norms are summed over that mesh axis, so that
   parameters sharded over it (FSDP-style, under ``shard_map``) get the update of the
-  unsharded parameters.
+  unsharded parameters; ``sharded`` says which are (``effjax.fsdp.sharded_mask``), the
+  others' norms are local.
 * LAMB can first divide the gradients by their global norm when it exceeds 1 (NVLAMB).
 """
 
@@ -43,6 +44,12 @@ def stacked_mask(params: Any, name: str = "layers") -> Any:
   def under(path):
     return any(getattr(k, "key", getattr(k, "name", None)) == name for k in path)
   return jax.tree_util.tree_map_with_path(lambda path, _: under(path), params)
+
+
+def _resolve_sharded(sharded: MaskOrFn, tree: Any) -> Any:
+  if sharded is None or sharded is True:
+    return jax.tree.map(lambda _: True, tree)
+  return sharded(tree) if callable(sharded) else sharded
 
 
 def _resolve_stacked(stacked: MaskOrFn, params: Any) -> Any:
@@ -95,7 +102,8 @@ class ScaleByTrustRatioState(NamedTuple):
 def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
                          min_norm: float = 0.0, max_trust_ratio: Optional[float] = None,
                          axis_name: Optional[str] = None,
-                         stacked: MaskOrFn = None) -> optax.GradientTransformation:
+                         stacked: MaskOrFn = None,
+                         sharded: MaskOrFn = None) -> optax.GradientTransformation:
   """Scales each parameter's update ``u`` by ``c * ||w|| / (||u|| + eps)``.
 
   Zero-norm policy: where ``||w||`` or ``||u||`` is 0 (after ``min_norm``), the ratio is
@@ -115,6 +123,9 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
       or a function of the parameters such as ``stacked_mask``. Each slice along that
       axis (one layer) gets its own ratio, as the unstacked model's layers would; a
       ratio over the whole stack would tie all layers to one. None: no stacked axis.
+    sharded: with ``axis_name``, which parameters are split over it (a pytree of bools
+      or a function of the parameters, e.g. ``effjax.fsdp.sharded_mask``); the others
+      are replicated and their norms are not summed. None: all of them.
 
   Returns:
     An ``optax.GradientTransformation`` whose state (``ScaleByTrustRatioState``) holds the
@@ -135,23 +146,25 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
       raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG")
                        else "scale_by_trust_ratio needs params")
 
-    def ratio(u, w, s):
-      w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis_name, s)), min_norm)
-      u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis_name, s)), min_norm)
+    def ratio(u, w, s, split):
+      axis = axis_name if split else None
+      w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis, s)), min_norm)
+      u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis, s)), min_norm)
       r = trust_coefficient * w_norm / (u_norm + eps)
       if max_trust_ratio is not None:
         r = jnp.minimum(r, max_trust_ratio)
       return jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
 
-    ratios = jax.tree.map(ratio, updates, params, _resolve_stacked(stacked, params))
+    ratios = jax.tree.map(ratio, updates, params, _resolve_stacked(stacked, params),
+                          _resolve_sharded(sharded, params))
     updates = jax.tree.map(lambda u, r: (u * r).astype(u.dtype), updates, ratios)
     return updates, ScaleByTrustRatioState(trust_ratio=ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip_by_global_norm(max_norm: float = 1.0,
-                        axis_name: Optional[str] = None) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float = 1.0, axis_name: Optional[str] = None,
+                        sharded: MaskOrFn = None) -> optax.GradientTransformation:
   """``g * min(1, max_norm / ||g||_global)``; with ``axis_name``, over sharded parameters.
 
   ``optax.clip_by_global_norm`` with a mesh axis: parameters sharded over ``axis_name``
@@ -161,6 +174,8 @@ def clip_by_global_norm(max_norm: float = 1.0,
   Args:
     max_norm: the largest global norm let through.
     axis_name: a mesh axis the gradients are sharded over, or None.
+    sharded: which gradients are split over ``axis_name`` (see
+      ``scale_by_trust_ratio``); None: all of them.
 
   Returns:
     A stateless ``optax.GradientTransformation``.
@@ -171,7 +186,9 @@ def clip_by_global_norm(max_norm: float = 1.0,
 
   def update_fn(updates, state, params=None):
     del params
-    total = sum(_sq_norm(u, axis_name) for u in jax.tree.leaves(updates))
+    split = jax.tree.leaves(_resolve_sharded(sharded, updates))
+    total = sum(_sq_norm(u, axis_name if c else None)
+                for u, c in zip(jax.tree.leaves(updates), split))
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(total), 1e-30))
     return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
 
@@ -192,7 +209,7 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
          nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
          trust_ratio_mask: MaskOrFn = None, axis_name: Optional[str] = None,
          max_trust_ratio: Optional[float] = None,
-         stacked: MaskOrFn = None) -> optax.GradientTransformation:
+         stacked: MaskOrFn = None, sharded: MaskOrFn = None) -> optax.GradientTransformation:
   """LARS: momentum SGD with a layer-wise trust ratio.
 
   Per layer, ``u = g + wd * w``; ``v <- m * v + lr * r * u``; ``w <- w - v``, with
@@ -214,6 +231,7 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
       ``True``: every parameter; a pytree or callable: used as given.
     axis_name: mesh axis the parameters are sharded over (see ``scale_by_trust_ratio``).
     max_trust_ratio: clip the ratio above at this value.
+    sharded: which parameters ``axis_name`` splits (see ``scale_by_trust_ratio``).
     stacked: parameters with a stacked layer axis, one ratio per layer (see
       ``scale_by_trust_ratio``).
 
@@ -226,8 +244,8 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
   return optax.chain(
       _decay(weight_decay, weight_decay_mask, stacked),
       _masked(scale_by_trust_ratio(trust_coefficient, eps, max_trust_ratio=max_trust_ratio,
-                                   axis_name=axis_name, stacked=stacked), trust_ratio_mask,
-              stacked),
+                                   axis_name=axis_name, stacked=stacked, sharded=sharded),
+              trust_ratio_mask, stacked),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov),
   )
@@ -237,7 +255,7 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
          eps: float = 1e-6, weight_decay: float = 0.0, weight_decay_mask: MaskOrFn = None,
          trust_ratio_mask: MaskOrFn = None, max_trust_ratio: Optional[float] = None,
          grad_prenorm: bool = False, axis_name: Optional[str] = None,
-         stacked: MaskOrFn = None) -> optax.GradientTransformation:
+         stacked: MaskOrFn = None, sharded: MaskOrFn = None) -> optax.GradientTransformation:
   """LAMB: Adam's direction, decoupled weight decay, and a layer-wise trust ratio.
 
   ``m, v`` as Adam with bias correction; ``r = m_hat / (sqrt(v_hat) + eps)``;
@@ -253,6 +271,7 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
     max_trust_ratio: clip the ratio above (timm ``trust_clip``: 1.0; DeepSpeed ``max_coeff``).
     grad_prenorm: first divide the gradients by their global norm when it exceeds 1 (NVLAMB).
     axis_name: mesh axis the parameters are sharded over.
+    sharded: which parameters ``axis_name`` splits (see ``scale_by_trust_ratio``).
     stacked: parameters with a stacked layer axis, one ratio per layer (see
       ``scale_by_trust_ratio``).
 
@@ -263,11 +282,12 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
     You et al. 2019, arXiv:1904.00962.
   """
   return optax.chain(
-      clip_by_global_norm(1.0, axis_name) if grad_prenorm else optax.identity(),
+      clip_by_global_norm(1.0, axis_name, sharded) if grad_prenorm else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       _decay(weight_decay, weight_decay_mask, stacked),
       _masked(scale_by_trust_ratio(max_trust_ratio=max_trust_ratio, axis_name=axis_name,
-                                   stacked=stacked), trust_ratio_mask, stacked),
+                                   stacked=stacked, sharded=sharded), trust_ratio_mask,
+              stacked),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -288,7 +308,7 @@ def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
            momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 1e-3,
            eps: float = 0.0, nesterov: bool = False, weight_decay_mask: MaskOrFn = None,
            trust_ratio_mask: MaskOrFn = None, axis_name: Optional[str] = None,
-           stacked: MaskOrFn = None) -> optax.GradientTransformation:
+           stacked: MaskOrFn = None, sharded: MaskOrFn = None) -> optax.GradientTransformation:
   """Time-Varying LARS: LARS whose trust ratio is scaled by ``tvlars_factor(t)``.
 
   The factor replaces warmup. Early on it is about ``1/alpha``, so layers explore with
@@ -308,7 +328,7 @@ def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
     alpha: ``alpha``; the early factor is about ``1/alpha``.
     min_factor: ``gamma_min``, the factor's floor.
     momentum, weight_decay, trust_coefficient, eps, nesterov, weight_decay_mask,
-      trust_ratio_mask, axis_name: as in ``lars``.
+      trust_ratio_mask, axis_name, sharded: as in ``lars``.
 
   Returns:
     An ``optax.GradientTransformation`` (a chain).
@@ -320,7 +340,7 @@ def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
   return optax.chain(
       _decay(weight_decay, weight_decay_mask, stacked),
       _masked(optax.chain(scale_by_trust_ratio(trust_coefficient, eps, axis_name=axis_name,
-                                               stacked=stacked),
+                                               stacked=stacked, sharded=sharded),
                           optax.scale_by_schedule(factor)), trust_ratio_mask, stacked),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov),

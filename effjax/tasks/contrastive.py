@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax import losses
-from effjax.parallel import DATA_AXIS
+from effjax.parallel import BATCH_AXES
 from effjax.tasks.base import LossOutput, Task, apply_train
 
 CONTRASTIVE_LOSSES = ("nt_xent", "sigmoid")
@@ -78,7 +78,7 @@ class ContrastiveTask(Task):
       learnable ``logit_scale`` and ``logit_bias``).
     temperature: NT-Xent's tau.
     negatives: ``'global'``: every other example of the global batch (gathered over
-      ``DATA_AXIS``); ``'local'``: this replica's only (the common bug, kept to measure).
+      ``BATCH_AXES``); ``'local'``: this replica's only (the common bug, kept to measure).
     sigmoid_impl: ``'ring'`` or ``'all_gather'`` (``effjax.losses.sigmoid_loss``).
     view_fn: ``fn(x, rngs) -> view`` drawing one random view of a batch of raw inputs
       with per-row generators (``effjax.data.preprocess.mnist1d_view``).
@@ -117,7 +117,7 @@ class ContrastiveTask(Task):
     out, state = apply_train(apply_fn, variables,
                              jnp.concatenate([batch["view1"], batch["view2"]]), rng=rng)
     z1, z2 = out["projection"][:b], out["projection"][b:]
-    axis = DATA_AXIS if self.negatives == "global" else None
+    axis = BATCH_AXES if self.negatives == "global" else None
     if self.loss_name == "nt_xent":
       per_row = losses.nt_xent(z1, z2, self.temperature, axis_name=axis)
     else:

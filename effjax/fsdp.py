@@ -1,0 +1,135 @@
+"""FSDP: parameters, their EMA and the optimizer state sharded over the ``fsdp`` mesh axis.
+
+The mesh is ``(data, fsdp)``; every device holds different examples (the batch is split
+over both axes), and the ``fsdp`` axis also splits the state. The rule, one for every
+array of the state: a leaf with at least ``min_size`` elements is split along its
+largest dimension that ``k`` divides (the first such among equal ones; a stacked layer
+axis, under a module named ``layers``, never: each layer keeps its own trust ratio);
+any other leaf (biases, norm scales, counters, trust ratios) is replicated. The rule
+reads only a leaf's path and global shape, so the parameters, their EMA and each
+optimizer moment (whose paths end in the parameter's) are split alike.
+
+Inside the per-replica step, ``gather`` all-gathers the parameters over ``fsdp`` for
+the forward pass; differentiated with respect to the shards, its transpose
+reduce-scatters the gradients, so each device keeps the summed gradient of its own
+shard. Norms over sharded leaves psum their squares over ``fsdp``
+(``sq_norm``; ``effjax.optim`` takes ``axis_name`` and ``sharded``).
+
+References:
+  Rajbhandari et al. 2019, arXiv:1910.02054 (ZeRO); Xu et al. 2020, arXiv:2004.13336
+  (automatic cross-replica sharding of weight update).
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.parallel import FSDP_AXIS
+
+REPLICATED = -1
+STACKED_NAME = "layers"  # effjax.models.STACKED_NAME (nn.scan of DecoderLM).
+DEFAULT_MIN_SIZE = 1024
+
+
+def _stacked(path) -> bool:
+  return any(getattr(k, "key", getattr(k, "name", None)) == STACKED_NAME for k in path)
+
+
+def shard_dim(shape: tuple[int, ...], k: int, min_size: int = DEFAULT_MIN_SIZE,
+              stacked: bool = False) -> int:
+  """The dimension a leaf of global ``shape`` is split along over ``k`` devices, or
+  ``REPLICATED`` (-1).
+
+  Args:
+    shape: the leaf's global shape.
+    k: the ``fsdp`` axis size.
+    min_size: leaves with fewer elements stay replicated.
+    stacked: the leading axis stacks layers; it is never split.
+
+  Returns:
+    The largest dimension divisible by ``k`` (the first among equal sizes), or -1.
+  """
+  if k <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return REPLICATED
+  best = REPLICATED
+  for d in range(1 if stacked else 0, len(shape)):
+    if shape[d] % k == 0 and (best == REPLICATED or shape[d] > shape[best]):
+      best = d
+  return best
+
+
+def shard_dims(tree: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> Any:
+  """``shard_dim`` of every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s with
+  global shapes), as a tree of ints."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: shard_dim(tuple(jnp.shape(x)), k, min_size, _stacked(path)), tree)
+
+
+def partition_spec(dim: int, ndim: int) -> jax.sharding.PartitionSpec:
+  """The ``PartitionSpec`` of a leaf split along ``dim`` (-1: replicated)."""
+  if dim == REPLICATED:
+    return jax.sharding.PartitionSpec()
+  return jax.sharding.PartitionSpec(*([None] * dim + [FSDP_AXIS]))
+
+
+def partition_specs(tree: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> Any:
+  """The ``PartitionSpec`` of every leaf of ``tree`` under the rule."""
+  return jax.tree.map(lambda x, d: partition_spec(d, jnp.ndim(x)), tree,
+                      shard_dims(tree, k, min_size))
+
+
+def sharded_mask(params: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> Callable:
+  """A function of a parameter tree (full or masked by ``optax.masked``, global or
+  per-device shapes) giving ``True`` for the leaves split over ``fsdp``, decided once
+  from ``params``' global shapes: the ``sharded`` argument of ``effjax.optim``'s
+  transforms."""
+  paths = {jax.tree_util.keystr(p) for p, d in
+           jax.tree_util.tree_flatten_with_path(shard_dims(params, k, min_size))[0]
+           if d != REPLICATED}
+  return lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.tree_util.keystr(path) in paths, tree)
+
+
+def gather(params: Any, dims: tuple[int, ...]) -> Any:
+  """The full parameters from this device's shards (inside the per-replica step):
+  ``all_gather`` over ``fsdp`` of each leaf whose entry of ``dims`` (one per leaf, in
+  ``jax.tree.leaves`` order) is a dimension. Its transpose reduce-scatters the
+  gradient. ``dims=()`` means nothing is sharded."""
+  if not dims:
+    return params
+  leaves, treedef = jax.tree.flatten(params)
+  full = [x if d == REPLICATED else jax.lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True)
+          for x, d in zip(leaves, dims)]
+  return jax.tree.unflatten(treedef, full)
+
+
+def sq_norm(tree: Any, dims: tuple[int, ...] = ()) -> jax.Array:
+  """The squared l2 norm of all leaves of a tree laid out like the parameters (their
+  shards, per ``dims``), in float32: the sharded leaves' squares are summed over
+  ``fsdp``, the replicated ones counted once."""
+  leaves = jax.tree.leaves(tree)
+  sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)))
+  zero = jnp.zeros((), jnp.float32)
+  if not dims:
+    return sum((sq(x) for x in leaves), zero)
+  local = sum((sq(x) for x, d in zip(leaves, dims) if d == REPLICATED), zero)
+  split = sum((sq(x) for x, d in zip(leaves, dims) if d != REPLICATED), zero)
+  return local + jax.lax.psum(split, FSDP_AXIS)
+
+
+def leaf_dims(params: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> tuple[int, ...]:
+  """``shard_dims`` of ``params`` as a tuple in leaf order (``TrainState.fsdp_dims``);
+  ``()`` when nothing is split."""
+  dims = tuple(jax.tree.leaves(shard_dims(params, k, min_size)))
+  return dims if any(d != REPLICATED for d in dims) else ()
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes that one device holds of ``tree``'s arrays, from their own shardings."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") and x.sharding else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
