@@ -61,14 +61,20 @@ def test_small_size_shrinks():
     ("label_smoothing", 1.5, "label_smoothing=1.5 must be in [0, 1)"),
     ("optimizer.weight_decay", -1.0, "optimizer.weight_decay=-1.0 must be >= 0"),
     ("num_epochs", 0.0, "num_epochs=0.0 must be a positive number"),
+    ("mesh.fsdp", 3, "mesh.fsdp=3 does not divide the 16 devices"),
+    ("mesh.fsdp", 0, "mesh.fsdp=0 must be a positive"),
+    ({"mesh.fsdp": 2, "parallel": "pmap"}, None, "mesh.fsdp=2 needs parallel='shard_map'"),
+    ({"mesh.fsdp": 2, "noise_scale.enabled": True}, None,
+     "noise_scale.enabled with mesh.fsdp=2 needs accum_steps >= 2"),
 ])
 def test_bad_values_are_named(key, value, message):
   c = _load("mnist1d_large_batch")
-  node = c
-  *path, last = key.split(".")
-  for p in path:
-    node = node[p]
-  node[last] = value
+  for k, v in (key.items() if isinstance(key, dict) else [(key, value)]):
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c, 16)
   assert message in str(e.value) and "\n" not in str(e.value)
