@@ -48,6 +48,9 @@ class NormConfig:
     bcn_estimated: micro-batch BCN (estimated statistics) or large-batch BCN.
     conv: ``standard``, ``ws`` (weight standardization), ``scaled_ws`` (NF-ResNet style),
       or ``auto``: ``ws`` for ``batch_channel`` (Qiao et al. pair them), else standard.
+    batch_norm: for ``batch`` and ``sync_batch``, a linen module with flax's
+      ``BatchNorm`` signature to use instead of ``effjax.nn.BatchNorm`` (e.g.
+      ``flax.linen.BatchNorm``, to compare against it); None: effjax's.
   """
   kind: str = "batch"
   momentum: float = 0.9
@@ -57,6 +60,7 @@ class NormConfig:
   virtual_batch_size: int = 32
   bcn_estimated: bool = True
   conv: str = "auto"
+  batch_norm: Any = None
 
   @classmethod
   def from_config(cls, model_config: Any) -> "NormConfig":
@@ -101,7 +105,8 @@ def make_norm(norm: "str | NormConfig", *, train: bool,
     A module constructor taking ``name`` and ``scale_init``.
   """
   n = as_norm_config(norm)
-  bn = functools.partial(BatchNorm, use_running_average=not train, momentum=n.momentum,
+  bn = functools.partial(n.batch_norm or BatchNorm, use_running_average=not train,
+                         momentum=n.momentum,
                          epsilon=n.epsilon, dtype=dtype)
   if n.kind == "batch":
     return bn

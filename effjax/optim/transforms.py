@@ -52,6 +52,20 @@ def _resolve_sharded(sharded: MaskOrFn, tree: Any) -> Any:
   return sharded(tree) if callable(sharded) else sharded
 
 
+def _decay_tree(weight_decay: float, mask: MaskOrFn, params: Any) -> Any:
+  """Per parameter of ``params`` (possibly masked by ``optax.masked``), whether it gets
+  weight decay: ``mask`` as a function of them, or a pytree of bools over all
+  parameters, read where ``params`` has a leaf."""
+  if not weight_decay:
+    return jax.tree.map(lambda _: False, params)
+  if mask is None or mask is True:
+    return jax.tree.map(lambda _: True, params)
+  if callable(mask):
+    return mask(params)
+  return jax.tree.map(lambda m, p: p if isinstance(p, optax.MaskedNode) else bool(m), mask,
+                      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
 def _resolve_stacked(stacked: MaskOrFn, params: Any) -> Any:
   if stacked is None or stacked is False:
     return jax.tree.map(lambda _: False, params)
@@ -103,8 +117,17 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
                          min_norm: float = 0.0, max_trust_ratio: Optional[float] = None,
                          axis_name: Optional[str] = None,
                          stacked: MaskOrFn = None,
-                         sharded: MaskOrFn = None) -> optax.GradientTransformation:
+                         sharded: MaskOrFn = None, weight_decay: float = 0.0,
+                         weight_decay_mask: MaskOrFn = None) -> optax.GradientTransformation:
   """Scales each parameter's update ``u`` by ``c * ||w|| / (||u|| + eps)``.
+
+  With ``weight_decay``, ``u = g + wd * w`` (for the parameters in ``weight_decay_mask``)
+  is formed here rather than by an ``optax.add_decayed_weights`` ahead of it: the same
+  numbers, in fewer passes over memory. Fed ``g + wd * w`` from outside, XLA (CPU)
+  writes it to memory for its two readers, the norm and the scaled update; formed here,
+  the norm reads ``g`` and ``w`` in one fused reduction and the update recomputes
+  ``g + wd * w`` where it is consumed (an ``optimization_barrier`` on ``(g, w)`` keeps
+  XLA from merging the two back into one stored array). See BENCHMARKS.md, optimizers.
 
   Zero-norm policy: where ``||w||`` or ``||u||`` is 0 (after ``min_norm``), the ratio is
   1. A zero-initialised parameter (e.g. a residual block's last BatchNorm scale) still
@@ -126,6 +149,9 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
     sharded: with ``axis_name``, which parameters are split over it (a pytree of bools
       or a function of the parameters, e.g. ``effjax.fsdp.sharded_mask``); the others
       are replicated and their norms are not summed. None: all of them.
+    weight_decay: ``wd``, added to the update as ``wd * w`` before the ratio (LARS).
+    weight_decay_mask: which parameters get it (a pytree of bools, a function of the
+      parameters, or None: all).
 
   Returns:
     An ``optax.GradientTransformation`` whose state (``ScaleByTrustRatioState``) holds the
@@ -146,8 +172,10 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
       raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG")
                        else "scale_by_trust_ratio needs params")
 
-    def ratio(u, w, s, split):
+    def ratio(u, w, s, split, decay):
       axis = axis_name if split else None
+      if decay:
+        u = u + weight_decay * w
       w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis, s)), min_norm)
       u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis, s)), min_norm)
       r = trust_coefficient * w_norm / (u_norm + eps)
@@ -155,9 +183,16 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
         r = jnp.minimum(r, max_trust_ratio)
       return jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
 
+    def scaled(u, w, r, decay):
+      if decay:
+        u, w, wd = jax.lax.optimization_barrier((u, w, jnp.float32(weight_decay)))
+        u = u + (wd * w).astype(u.dtype)
+      return (u * r).astype(u.dtype)
+
+    decays = _decay_tree(weight_decay, weight_decay_mask, params)
     ratios = jax.tree.map(ratio, updates, params, _resolve_stacked(stacked, params),
-                          _resolve_sharded(sharded, params))
-    updates = jax.tree.map(lambda u, r: (u * r).astype(u.dtype), updates, ratios)
+                          _resolve_sharded(sharded, params), decays)
+    updates = jax.tree.map(scaled, updates, params, ratios, decays)
     return updates, ScaleByTrustRatioState(trust_ratio=ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -197,6 +232,20 @@ def clip_by_global_norm(max_norm: float = 1.0, axis_name: Optional[str] = None,
 
 def _decay(weight_decay, mask: MaskOrFn, stacked: MaskOrFn = None) -> optax.GradientTransformation:
   return optax.add_decayed_weights(weight_decay, mask=_resolve_mask(mask, stacked))
+
+
+def _mask_tree(mask: MaskOrFn, params: Any) -> Any:
+  return mask(params) if callable(mask) else mask
+
+
+def _decay_without_ratio(weight_decay, decay_mask: MaskOrFn, ratio_mask: MaskOrFn,
+                         stacked: MaskOrFn = None) -> optax.GradientTransformation:
+  """``add_decayed_weights`` for the parameters that are decayed but get no trust ratio
+  (those that get both are decayed inside ``scale_by_trust_ratio``)."""
+  decay, ratio = _resolve_mask(decay_mask, stacked), _resolve_mask(ratio_mask, stacked)
+  mask = lambda p: jax.tree.map(lambda d, r: bool(d) and not bool(r), _mask_tree(decay, p),
+                                _mask_tree(ratio, p))
+  return optax.add_decayed_weights(weight_decay, mask=mask)
 
 
 def _masked(inner: optax.GradientTransformation, mask: MaskOrFn,
@@ -242,9 +291,11 @@ def lars(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     You, Gitman, Ginsburg 2017, arXiv:1708.03888.
   """
   return optax.chain(
-      _decay(weight_decay, weight_decay_mask, stacked),
+      _decay_without_ratio(weight_decay, weight_decay_mask, trust_ratio_mask, stacked),
       _masked(scale_by_trust_ratio(trust_coefficient, eps, max_trust_ratio=max_trust_ratio,
-                                   axis_name=axis_name, stacked=stacked, sharded=sharded),
+                                   axis_name=axis_name, stacked=stacked, sharded=sharded,
+                                   weight_decay=weight_decay,
+                                   weight_decay_mask=_resolve_mask(weight_decay_mask, stacked)),
               trust_ratio_mask, stacked),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov),
@@ -338,9 +389,12 @@ def tvlars(learning_rate: optax.ScalarOrSchedule, decay_rate: float = 1e-3,
   """
   factor = lambda count: tvlars_factor(count, decay_rate, delay_steps, alpha, min_factor)
   return optax.chain(
-      _decay(weight_decay, weight_decay_mask, stacked),
+      _decay_without_ratio(weight_decay, weight_decay_mask, trust_ratio_mask, stacked),
       _masked(optax.chain(scale_by_trust_ratio(trust_coefficient, eps, axis_name=axis_name,
-                                               stacked=stacked, sharded=sharded),
+                                               stacked=stacked, sharded=sharded,
+                                               weight_decay=weight_decay,
+                                               weight_decay_mask=_resolve_mask(
+                                                   weight_decay_mask, stacked)),
                           optax.scale_by_schedule(factor)), trust_ratio_mask, stacked),
       optax.scale_by_learning_rate(learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov),
