@@ -399,6 +399,40 @@ def test_skip_drops_nonfinite_updates_counts_them_and_stops_after_n(data_dir):
   assert int(after["skips"].consecutive) == 0
 
 
+def test_nonfinite_update_from_finite_inputs_is_kept_out(data_dir):
+  """An update that the optimizer itself makes non-finite (finite loss and gradient) is
+  dropped under 'skip' like a NaN batch: parameters and optimizer state (its momentum
+  included) stay bitwise as they were, and the next step equals a run without it."""
+  del data_dir
+  model = effjax.models.create_model(_mlp_config(), 3, jnp.float32)
+  blow_up = optax.stateless(lambda u, _: jax.tree.map(
+      lambda x: x * jnp.where(optax.tree.norm(u) > 1e3, jnp.nan, 1.0), u))
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), blow_up)
+  state = steps_lib.create_train_state(jax.random.key(0), model, tx,
+                                       optax.constant_schedule(0.1), (4,))
+  runner = effjax.Runner("shard_map")
+  step = runner.compile(functools.partial(steps_lib.train_step, nonfinite="skip"))
+  rng = np.random.default_rng(1)
+  batch = lambda scale: runner.shard_batch({
+      "input": (scale * rng.normal(size=(16, 4))).astype(np.float32),
+      "label": rng.integers(0, 3, 16).astype(np.int32)})
+  b0, big, b2 = batch(1.0), batch(1e7), batch(1.0)
+  host = lambda t: jax.tree.map(np.asarray, t)
+  s, _ = step(state.replace(**runner.replicate(state.items())), b0)
+  before = host(s.items())
+  s, metrics = step(s, big)
+  m = runner.to_host(metrics)
+  assert np.isfinite(m["train/loss"]) and np.isfinite(m["grad_norm"])
+  assert np.isnan(m["update_norm"]) and int(m["nonfinite/skipped"]) == 1
+  after = host(s.items())
+  assert_trees_close((before["params"], before["opt_state"]),
+                     (after["params"], after["opt_state"]), rtol=0, atol=0)
+  ref, _ = step(state.replace(**runner.replicate(state.items())), b0)
+  ref, _ = step(ref, b2)
+  s, _ = step(s, b2)
+  assert_trees_close(host(ref.params), host(s.params), rtol=0, atol=0)
+
+
 def _mlp_config():
   c = effjax.config.base_config().model
   c.name = "mlp"
