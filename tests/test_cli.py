@@ -47,7 +47,7 @@ def test_a_config_file_that_does_not_load_is_one_line_error_exit_2(tmp_path):
   cases = {"configs/missing.py": "No such file or directory",
            str(tmp_path / "syntax.py"): "SyntaxError: ",
            str(tmp_path / "raises.py"): "RuntimeError: no GPU here",
-           "configs/lm_python_stdlib.py:huge": "size='huge' is not one of ('full', 'small')"}
+           "configs/lm_python_stdlib.py:huge": "size='huge' is not one of ('full', 'small', '1.3b')"}
   for path, expected in cases.items():
     proc = run_cli([f"--config={path}", f"--workdir={workdir}"])
     assert proc.returncode == 2, (path, proc.stderr[-2000:])
