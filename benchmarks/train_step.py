@@ -253,7 +253,9 @@ def main(_):
     print(f"\n{name}: global batch {batch}, {n_params:,} parameters"
           + (f" (PyTorch: {n_torch:,})" if n_torch else "")
           + f", {steps} steps x {FLAGS.repeats} repeats"
-          + ("" if full.noise_scale.enabled else "; noise scale off (1 device)"))
+          + ("" if full.noise_scale.enabled else
+             "; noise scale off (" + ("1 device" if devices == 1 else
+                                      "sync BN would need microbatches") + ")"))
     for k, t in times.items():
       print(f"  {k:10s} {batch / t:12.1f} examples/s  {t * 1e3:9.2f} ms/step")
     pairs = [("a", "b_sync"), ("a0", "b"), ("a", "b"), ("a", "a0"), ("b", "b'")]
@@ -272,7 +274,7 @@ def main(_):
         " | ".join(f"({p})/({q})" for p, q in table[0][3]) + " |")
   print("|---|---|" + "---|" * (len(table[0][2]) + len(table[0][3])))
   for name, batch, times, ratios in table:
-    print(f"| {name} | {batch} | " + " | ".join(f"{batch / t:.0f}" for t in times.values())
+    print(f"| {name} | {batch} | " + " | ".join(f"{batch / times[k]:.0f}" for k in table[0][2])
           + " | " + " | ".join(f"{r:.3f}" for r in ratios.values()) + " |")
 
 
