@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.parallel import FSDP_AXIS
+from effjax.parallel import FSDP_AXIS, global_sq_norm
 
 REPLICATED = -1
 STACKED_NAME = "layers"  # effjax.models.STACKED_NAME (nn.scan of DecoderLM).
@@ -67,7 +67,7 @@ def shard_dims(tree: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> Any:
       lambda path, x: shard_dim(tuple(jnp.shape(x)), k, min_size, _stacked(path)), tree)
 
 
-def partition_spec(dim: int, ndim: int) -> jax.sharding.PartitionSpec:
+def partition_spec(dim: int) -> jax.sharding.PartitionSpec:
   """The ``PartitionSpec`` of a leaf split along ``dim`` (-1: replicated)."""
   if dim == REPLICATED:
     return jax.sharding.PartitionSpec()
@@ -76,8 +76,7 @@ def partition_spec(dim: int, ndim: int) -> jax.sharding.PartitionSpec:
 
 def partition_specs(tree: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> Any:
   """The ``PartitionSpec`` of every leaf of ``tree`` under the rule."""
-  return jax.tree.map(lambda x, d: partition_spec(d, jnp.ndim(x)), tree,
-                      shard_dims(tree, k, min_size))
+  return jax.tree.map(partition_spec, shard_dims(tree, k, min_size))
 
 
 def sharded_mask(params: Any, k: int, min_size: int = DEFAULT_MIN_SIZE) -> Callable:
@@ -109,13 +108,11 @@ def sq_norm(tree: Any, dims: tuple[int, ...] = ()) -> jax.Array:
   """The squared l2 norm of all leaves of a tree laid out like the parameters (their
   shards, per ``dims``), in float32: the sharded leaves' squares are summed over
   ``fsdp``, the replicated ones counted once."""
-  leaves = jax.tree.leaves(tree)
-  sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)))
-  zero = jnp.zeros((), jnp.float32)
   if not dims:
-    return sum((sq(x) for x in leaves), zero)
-  local = sum((sq(x) for x, d in zip(leaves, dims) if d == REPLICATED), zero)
-  split = sum((sq(x) for x, d in zip(leaves, dims) if d != REPLICATED), zero)
+    return global_sq_norm(tree)
+  leaves = jax.tree.leaves(tree)
+  local = global_sq_norm([x for x, d in zip(leaves, dims) if d == REPLICATED])
+  split = global_sq_norm([x for x, d in zip(leaves, dims) if d != REPLICATED])
   return local + jax.lax.psum(split, FSDP_AXIS)
 
 

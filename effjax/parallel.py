@@ -87,7 +87,6 @@ class _CheckedFn:
 
   def __init__(self, compiled: Callable):
     self._compiled = compiled
-    self.state_specs = getattr(compiled, "state_specs", None)
 
   def lower(self, *args, **kwargs):
     return self._compiled.lower(*args, **kwargs)
@@ -183,17 +182,21 @@ class Runner:
   def _split(self, state: Any) -> bool:
     return self.fsdp > 1 and all(hasattr(state, f) for f in SHARDED_FIELDS + ("replace",))
 
+  def _field_specs(self, name: str, tree: Any) -> Any:
+    """The ``PartitionSpec`` of each array of the state field ``name``."""
+    from effjax import fsdp as fsdp_lib  # pylint: disable=g-import-not-at-top
+    if self.fsdp > 1 and name in SHARDED_FIELDS:
+      return fsdp_lib.partition_specs(tree, self.fsdp, self.fsdp_min_size)
+    return jax.tree.map(lambda _: P(), tree)
+
   def state_specs(self, state: Any) -> Any:
     """The ``PartitionSpec``s of a state with global shapes: ``effjax.fsdp``'s rule for
     the parameters, their EMA and the optimizer state; ``P()`` (replicated) for the rest
     and for any state when ``fsdp == 1``."""
-    from effjax import fsdp as fsdp_lib  # pylint: disable=g-import-not-at-top
     if not self._split(state):
       return P()
-    specs = jax.tree.map(lambda _: P(), state)
-    return specs.replace(**{f: fsdp_lib.partition_specs(getattr(state, f), self.fsdp,
-                                                        self.fsdp_min_size)
-                            for f in SHARDED_FIELDS})
+    return jax.tree.map(lambda _: P(), state).replace(
+        **{f: self._field_specs(f, getattr(state, f)) for f in SHARDED_FIELDS})
 
   def with_fsdp_dims(self, state: Any) -> Any:
     """``state`` with ``fsdp_dims`` (the static split dimension of each parameter) set
@@ -208,13 +211,10 @@ class Runner:
   def state_shardings(self, items: dict) -> dict:
     """The ``NamedSharding`` of each array of a state's ``items()`` (checkpoint restore
     targets on this mesh)."""
-    from effjax import fsdp as fsdp_lib  # pylint: disable=g-import-not-at-top
-    def field(name, tree):
-      if self.fsdp > 1 and name in SHARDED_FIELDS:
-        return jax.tree.map(lambda s: NamedSharding(self.mesh, s),
-                            fsdp_lib.partition_specs(tree, self.fsdp, self.fsdp_min_size))
-      return jax.tree.map(lambda _: self.replicated, tree)
-    return {k: field(k, v) for k, v in items.items()}
+    named = lambda s: NamedSharding(self.mesh, s)
+    return {k: jax.tree.map(named, self._field_specs(k, v),
+                            is_leaf=lambda x: isinstance(x, P))
+            for k, v in items.items()}
 
   def place_state(self, state: Any) -> Any:
     """A host (or device) ``TrainState`` -> on the devices: split per ``state_specs``

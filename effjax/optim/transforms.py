@@ -46,30 +46,31 @@ def stacked_mask(params: Any, name: str = "layers") -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: under(path), params)
 
 
+def _per_leaf(mask: MaskOrFn, tree: Any, default: bool) -> Any:
+  """One bool per leaf of ``tree`` (possibly masked by ``optax.masked``): ``default``
+  for ``None``, the bool itself for ``True``/``False``, ``mask(tree)`` for a function,
+  or a pytree of bools over all parameters, read where ``tree`` has a leaf."""
+  if mask is None or isinstance(mask, bool):
+    value = default if mask is None else mask
+    return jax.tree.map(lambda _: value, tree)
+  if callable(mask):
+    return mask(tree)
+  return jax.tree.map(lambda m, p: p if isinstance(p, optax.MaskedNode) else bool(m), mask,
+                      tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
 def _resolve_sharded(sharded: MaskOrFn, tree: Any) -> Any:
-  if sharded is None or sharded is True:
-    return jax.tree.map(lambda _: True, tree)
-  return sharded(tree) if callable(sharded) else sharded
+  return _per_leaf(sharded, tree, True)
 
 
 def _decay_tree(weight_decay: float, mask: MaskOrFn, params: Any) -> Any:
-  """Per parameter of ``params`` (possibly masked by ``optax.masked``), whether it gets
-  weight decay: ``mask`` as a function of them, or a pytree of bools over all
-  parameters, read where ``params`` has a leaf."""
-  if not weight_decay:
-    return jax.tree.map(lambda _: False, params)
-  if mask is None or mask is True:
-    return jax.tree.map(lambda _: True, params)
-  if callable(mask):
-    return mask(params)
-  return jax.tree.map(lambda m, p: p if isinstance(p, optax.MaskedNode) else bool(m), mask,
-                      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  """Per parameter of ``params``, whether it gets weight decay (none without
+  ``weight_decay``; all for a ``None`` mask)."""
+  return _per_leaf(mask if weight_decay else False, params, True)
 
 
 def _resolve_stacked(stacked: MaskOrFn, params: Any) -> Any:
-  if stacked is None or stacked is False:
-    return jax.tree.map(lambda _: False, params)
-  return stacked(params) if callable(stacked) else stacked
+  return _per_leaf(stacked, params, False)
 
 
 def default_mask(params: Any, stacked: MaskOrFn = None) -> Any:
@@ -234,17 +235,13 @@ def _decay(weight_decay, mask: MaskOrFn, stacked: MaskOrFn = None) -> optax.Grad
   return optax.add_decayed_weights(weight_decay, mask=_resolve_mask(mask, stacked))
 
 
-def _mask_tree(mask: MaskOrFn, params: Any) -> Any:
-  return mask(params) if callable(mask) else mask
-
-
 def _decay_without_ratio(weight_decay, decay_mask: MaskOrFn, ratio_mask: MaskOrFn,
                          stacked: MaskOrFn = None) -> optax.GradientTransformation:
   """``add_decayed_weights`` for the parameters that are decayed but get no trust ratio
   (those that get both are decayed inside ``scale_by_trust_ratio``)."""
   decay, ratio = _resolve_mask(decay_mask, stacked), _resolve_mask(ratio_mask, stacked)
-  mask = lambda p: jax.tree.map(lambda d, r: bool(d) and not bool(r), _mask_tree(decay, p),
-                                _mask_tree(ratio, p))
+  mask = lambda p: jax.tree.map(lambda d, r: bool(d) and not bool(r),
+                                _per_leaf(decay, p, True), _per_leaf(ratio, p, True))
   return optax.add_decayed_weights(weight_decay, mask=mask)
 
 
