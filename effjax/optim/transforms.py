@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
@@ -173,16 +174,23 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
       raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG")
                        else "scale_by_trust_ratio needs params")
 
-    def ratio(u, w, s, split, decay):
-      axis = axis_name if split else None
+    def sq_norms(u, w, s, decay):
       if decay:
         u = u + weight_decay * w
-      w_norm = jnp.maximum(jnp.sqrt(_sq_norm(w, axis, s)), min_norm)
-      u_norm = jnp.maximum(jnp.sqrt(_sq_norm(u, axis, s)), min_norm)
+      return _sq_norm(w, None, s), _sq_norm(u, None, s)
+
+    def ratios(w_sq, u_sq):
+      # All parameters' ratios in one vectorized computation rather than one small
+      # kernel per parameter: on a GPU each is a launch (161 of them for ResNet-50).
+      flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])
+      w_norm = jnp.maximum(jnp.sqrt(flat(w_sq)), min_norm)
+      u_norm = jnp.maximum(jnp.sqrt(flat(u_sq)), min_norm)
       r = trust_coefficient * w_norm / (u_norm + eps)
       if max_trust_ratio is not None:
         r = jnp.minimum(r, max_trust_ratio)
-      return jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
+      r = jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
+      ends = np.cumsum([x.size for x in w_sq])
+      return [piece.reshape(x.shape) for piece, x in zip(jnp.split(r, ends[:-1]), w_sq)]
 
     def scaled(u, w, r, decay):
       if decay:
@@ -190,11 +198,20 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
         u = u + (wd * w).astype(u.dtype)
       return (u * r).astype(u.dtype)
 
-    decays = _decay_tree(weight_decay, weight_decay_mask, params)
-    ratios = jax.tree.map(ratio, updates, params, _resolve_stacked(stacked, params),
-                          _resolve_sharded(sharded, params), decays)
-    updates = jax.tree.map(scaled, updates, params, ratios, decays)
-    return updates, ScaleByTrustRatioState(trust_ratio=ratios)
+    u_leaves, treedef = jax.tree.flatten(updates)
+    w_leaves, s_leaves, split_leaves, decays = (treedef.flatten_up_to(t) for t in (
+        params, _resolve_stacked(stacked, params), _resolve_sharded(sharded, params),
+        _decay_tree(weight_decay, weight_decay_mask, params)))
+    sq = [sq_norms(*a) for a in zip(u_leaves, w_leaves, s_leaves, decays)]
+    split = [i for i, x in enumerate(split_leaves) if x and axis_name is not None]
+    if split:  # Sharded parameters: one all-reduce of all their squared norms.
+      summed = jax.lax.psum([sq[i] for i in split], axis_name)
+      for i, pair in zip(split, summed):
+        sq[i] = pair
+    r = ratios([a for a, _ in sq], [b for _, b in sq]) if sq else []
+    new = [scaled(*a) for a in zip(u_leaves, w_leaves, r, decays)]
+    return (jax.tree.unflatten(treedef, new),
+            ScaleByTrustRatioState(trust_ratio=jax.tree.unflatten(treedef, r)))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
