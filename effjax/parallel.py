@@ -53,19 +53,33 @@ def batch_axes() -> Any:
 
 def replication_flags(tree: Any, axis_name: Any = None) -> jax.Array:
   """One bool per leaf of ``tree``: whether it is bitwise identical on every replica of
-  ``axis_name`` (NaNs included). Call inside the per-replica function."""
-  def same(x):
+  ``axis_name`` (NaNs included). Call inside the per-replica function.
+
+  All leaves' bits, flattened into one buffer, go once around the ring (one
+  ``ppermute``): each replica compares its copy with the previous replica's, and all are
+  equal iff every neighbouring pair is. One ``pmin`` then makes the flags the same on
+  all replicas. Two collectives in all, whatever the number of leaves: a collective per
+  leaf made the checked CNN step 2.3x the unchecked one on 8 CPU devices."""
+  def bits(x):
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      x = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32,
-                                           8: jnp.uint64}[x.dtype.itemsize])
-    g = jax.lax.all_gather(x, axis_name)
-    return jnp.all(g == g[0])
+    if x.dtype.itemsize in (4, 8):  # 64-bit values become pairs of 32-bit words.
+      return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+    if x.dtype == jnp.bool_:
+      return x.astype(jnp.uint32).ravel()
+    unsigned = {2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
   axis_name = batch_axes() if axis_name is None else axis_name
-  leaves = jax.tree.leaves(tree)
-  return jnp.stack([same(x) for x in leaves]) if leaves else jnp.ones((0,), bool)
+  leaves = [bits(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.ones((0,), bool)
+  n = jax.lax.axis_size(axis_name)
+  flat = jnp.concatenate(leaves)
+  equal = flat == jax.lax.ppermute(flat, axis_name, [(i, (i + 1) % n) for i in range(n)])
+  ends = np.cumsum([x.size for x in leaves])[:-1]
+  flags = jnp.stack([jnp.all(e) for e in jnp.split(equal, ends)]).astype(jnp.int32)
+  return jax.lax.pmin(flags, axis_name) > 0
 
 
 def _split_state_flags(state: Any, specs: Any) -> jax.Array:
@@ -73,9 +87,12 @@ def _split_state_flags(state: Any, specs: Any) -> jax.Array:
   the ``fsdp`` axis by design: those are checked over ``DATA_AXIS`` only."""
   leaves, spec_leaves = jax.tree.leaves(state), jax.tree.leaves(
       specs, is_leaf=lambda x: isinstance(x, P))
-  flags = [replication_flags([x], DATA_AXIS if any(a == FSDP_AXIS for a in s) else None)
-           for x, s in zip(leaves, spec_leaves)]
-  return jnp.concatenate(flags) if flags else jnp.ones((0,), bool)
+  split = [any(a == FSDP_AXIS for a in s) for s in spec_leaves]
+  # Two calls (split leaves over 'data', the rest over both axes), not one per leaf.
+  over_data = iter(replication_flags([x for x, k in zip(leaves, split) if k], DATA_AXIS))
+  over_all = iter(replication_flags([x for x, k in zip(leaves, split) if not k]))
+  flags = [next(over_data) if k else next(over_all) for k in split]
+  return jnp.stack(flags) if flags else jnp.ones((0,), bool)
 
 
 class _CheckedFn:

@@ -90,6 +90,16 @@ def _train(config_dict: dict, workdir: str):
   return summary, time.perf_counter() - t
 
 
+def _prepare_datasets(configs) -> None:
+  """Generates each embedded dataset the runs read, here, before any worker starts: two
+  workers generating the same one into an empty data dir race on its final rename
+  (``FileExistsError``)."""
+  from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  for name, data_dir, n in sorted({(c.dataset.name, c.dataset.data_dir or None,
+                                     c.dataset.num_examples) for c in configs}, key=str):
+    data_lib.get_builder(name, data_dir, num_examples=n)
+
+
 def run(runs: Sequence[dict], workdir: str, workers: int = 1, devices: int = 1,
         log: Callable[[str], None] = print) -> list[dict]:
   """Trains the runs, ``workers`` at a time in separate processes (each with ``devices``
@@ -110,6 +120,7 @@ def run(runs: Sequence[dict], workdir: str, workers: int = 1, devices: int = 1,
       todo.append(r)
   if rows:
     log(f"{len(rows)} of {len(runs)} runs finished before")
+  _prepare_datasets([r["config"] for r in todo])
   ctx = multiprocessing.get_context("spawn")  # Fresh JAX in each worker.
   with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx,
                                               initializer=_init_worker,

@@ -100,7 +100,7 @@ def _lm_state(model, tx):
 def test_lm_step_equals_under_shard_map_pmap_and_one_device():
   """Dropout on, replicas with different token counts: the step's loss and update are
   those of the mean over all real tokens of the global batch."""
-  model = _model(dropout=0.1)
+  model = _model(dropout=0.1, num_layers=1)  # The reduction is the point, not the depth.
   tx = optax.adamw(1e-3)
   rng = np.random.default_rng(0)
   docs = [rng.integers(32, 127, size=rng.integers(5, 80)).astype(np.uint8).tobytes()
@@ -121,7 +121,7 @@ def test_lm_step_equals_under_shard_map_pmap_and_one_device():
   assert_trees_close(results["pmap"], results["shard_map"], "pmap vs shard_map", rtol=1e-5,
                      atol=1e-7)
   # One device holding the global batch, without dropout (its masks are per replica).
-  state = _lm_state(_model(), tx)
+  state = _lm_state(_model(num_layers=1), tx)
   one = Runner("shard_map", jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
   eight = Runner("shard_map")
   s1 = state.replace(**one.replicate(state.items()))
@@ -168,6 +168,7 @@ def test_scanned_layers_equal_unrolled_and_lamb_takes_one_ratio_per_layer(lm_par
   # From a config: model.scan_layers gives the optimizer the stacked axis, and the default
   # masks count it out (a stacked LayerNorm scale is [L, d]: neither decay nor ratio).
   config = lm_config("unused", **{"optimizer.name": "lamb", "model.scan_layers": True,
+                                 "model.num_layers": 2,
                                  "schedule.warmup_epochs": 0.0, "schedule.decay": "constant"})
   tx, _ = optim.create_optimizer(config, 10)
   u_cfg, st = tx.update(models.stack_layers(grads, 2), tx.init(stacked), stacked)

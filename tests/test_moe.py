@@ -127,7 +127,8 @@ def test_scanned_moe_stack_sows_the_same_statistics(data_dir):
   """``scan_layers`` stacks the MoE blocks: with the unrolled model's parameters stacked
   (``stack_layers``), logits and the per-layer balance loss, load and entropy that the LM
   task reads are the same."""
-  overrides = {"model.moe.num_experts": E, "model.moe.top_k": 2, "model.moe.balance": "micro"}
+  overrides = {"model.moe.num_experts": E, "model.moe.top_k": 2, "model.moe.balance": "micro",
+               "model.num_layers": 2}
   flat = trainer.build(lm_config(data_dir, **overrides), with_data=False)
   scan = trainer.build(lm_config(data_dir, **overrides, **{"model.scan_layers": True}),
                        with_data=False)

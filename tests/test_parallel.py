@@ -160,3 +160,38 @@ def test_train_step_in_a_users_shard_map_with_either_check_vma(data_dir, check_v
                                   out_specs=P(), check_vma=check_vma))(
       jnp.float32(1.0), runner.shard_batch({"x": np.arange(16, dtype=np.float32)})["x"])
   assert float(naive_g) == pytest.approx(7.5 * (8 if check_vma else 1))
+
+
+def test_replication_flags_find_one_differing_element_in_any_dtype():
+  """The check compares bits: one element changed on one replica flags exactly that
+  leaf, whatever its dtype; NaNs equal on every replica pass, and 0.0 against -0.0
+  (equal as numbers) does not. An empty leaf passes."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  runner = effjax.Runner("shard_map")
+  leaves = {"f32": jnp.full((3, 5), jnp.nan), "bf16": jnp.ones((7,), jnp.bfloat16),
+            "i32": jnp.arange(4), "u8": jnp.arange(6, dtype=jnp.uint8),
+            "bool": jnp.ones((2,), bool), "empty": jnp.zeros((0, 3)),
+            "key": jax.random.key(1)}
+
+  def flags_with(change, **base):
+    def per_replica(b):
+      tree = {**leaves, **base}
+      if change:
+        name, fn = change
+        tree[name] = jnp.where(jax.lax.axis_index("data") == 5, fn(tree[name]), tree[name])
+      return effjax.parallel.replication_flags(tree)
+    f = jax.jit(jax.shard_map(per_replica, mesh=runner.mesh, in_specs=P("data"),
+                              out_specs=P(), check_vma=False))
+    names = sorted(leaves)  # jax.tree.leaves orders dict keys.
+    return dict(zip(names, np.asarray(f(jnp.zeros(8)))))
+
+  assert all(flags_with(None).values())
+  changes = {"f32": lambda x: x.at[2, 4].set(1.0), "bf16": lambda x: x.at[3].add(1),
+             "i32": lambda x: x.at[0].add(1), "u8": lambda x: x.at[5].add(1),
+             "bool": lambda x: x.at[1].set(False)}
+  for name, fn in changes.items():
+    flags = flags_with((name, fn))
+    assert [k for k, ok in flags.items() if not ok] == [name], (name, flags)
+  zeros = jnp.zeros((3, 5))
+  assert flags_with(("f32", lambda x: x.at[0, 0].set(0.0)), f32=zeros)["f32"]
+  assert not flags_with(("f32", lambda x: x.at[0, 0].set(-0.0)), f32=zeros)["f32"]

@@ -75,10 +75,13 @@ def test_run_stops_at_its_target_and_a_rerun_keeps_the_result(data_dir, tmp_path
 def test_the_notebook_runs_the_tiny_sweep_as_opened(data_dir, tmp_path, monkeypatch):
   """critical_batch.ipynb with no EFFJAX_SWEEP_DIR runs configs/sweep_mnist1d.py:tiny
   (the CLI) into workdirs/ beside it; all 5 batch sizes reach the target, so the fit
-  is over 5 points, and the notebook prints and draws it."""
+  is over 5 points, and the notebook prints and draws it. As on a fresh machine, the
+  data dir starts empty: the sweep generates mnist1d once, before its two workers start
+  (both generating it raced on the final rename, FileExistsError)."""
   from tests.test_notebooks import _execute, outputs_and_text  # pylint: disable=g-import-not-at-top
+  del data_dir
   monkeypatch.delenv("EFFJAX_SWEEP_DIR", raising=False)
-  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty_tfds"))
   monkeypatch.setenv("PYTHONPATH", REPO)
   nb = _execute("critical_batch.ipynb", tmp_path)
   out = tmp_path / "workdirs" / "sweep_mnist1d_tiny"

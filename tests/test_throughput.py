@@ -39,7 +39,7 @@ def test_bfloat16_trains_mnist1d_within_one_point_of_float32(data_dir, tmp_path)
   """Same seed, data and schedule; bf16 compute ends within 1 point of float32."""
   acc = {}
   for dtype in ("float32", "bfloat16"):
-    config = tiny_config(data_dir, num_epochs=8.0, compute_dtype=dtype, log_every=31,
+    config = tiny_config(data_dir, num_epochs=4.0, compute_dtype=dtype, log_every=31,
                          **{"dataset.num_examples": 10000, "dataset.num_train_examples": 8000,
                             "model.widths": (32, 64), "eval_batch_size": 2000})
     acc[dtype] = effjax.train_and_evaluate(config, str(tmp_path / dtype),
