@@ -45,6 +45,8 @@ flags.DEFINE_list("models", ["cnn1d", "resnet18", "transformer", "lm"], "Models 
 flags.DEFINE_bool("torch", False, "Also time PyTorch eager and torch.compile (CPU).")
 flags.DEFINE_integer("repeats", 11, "Interleaved repeats (medians).")
 flags.DEFINE_float("scale", 1.0, "Multiplies every model's steps per repeat.")
+flags.DEFINE_integer("batch_scale", 1, "Multiplies every model's global batch (on a GPU, "
+                     "to reach sizes where the step is not bound by the host).")
 flags.DEFINE_string("dtype", "float32", "compute_dtype of (a), (a0), (b).")
 
 # model -> (dataset, global batch, steps per repeat, config overrides)
@@ -66,7 +68,7 @@ def _config(model, dataset, batch, overrides, extras: bool, dtype: str):
   from effjax.grid import with_overrides  # pylint: disable=g-import-not-at-top
   c = base_config()
   c.dataset.name = dataset
-  c.dataset.num_train_examples = 50_000 if dataset == "cifar10" else 4000
+  c.dataset.num_train_examples = 50_000 if dataset == "cifar10" else max(4000, batch)
   c.model.name = model
   c.batch_size = c.eval_batch_size = batch
   c.optimizer.name = "lars"
@@ -228,7 +230,7 @@ def main(_):
   for name in FLAGS.models:
     dataset, batch, steps, overrides = MODELS[name]
     steps = max(1, int(steps * FLAGS.scale))
-    batch = max(batch, devices) // devices * devices
+    batch = max(batch * FLAGS.batch_scale, devices) // devices * devices
     spec = data_lib.get_spec(dataset)
     full = _config(name, dataset, batch, overrides, True, FLAGS.dtype)
     lean = _config(name, dataset, batch, overrides, False, FLAGS.dtype)
