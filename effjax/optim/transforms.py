@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from effjax import parallel
+
 MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
 
 
@@ -102,12 +104,11 @@ def _resolve_mask(mask: MaskOrFn, stacked: MaskOrFn = None):
   return mask
 
 
-def _sq_norm(x: jax.Array, axis_name: Optional[str], stacked: bool = False) -> jax.Array:
-  """Squared norm, over the whole tensor or (``stacked``) per slice of axis 0, shaped to
-  broadcast against ``x``."""
+def _sq_norm(x: jax.Array, stacked: bool = False) -> jax.Array:
+  """This shard's squared norm, over the whole tensor or (``stacked``) per slice of axis
+  0, shaped to broadcast against ``x``."""
   axes = tuple(range(1, x.ndim)) if stacked else None
-  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=stacked)
-  return jax.lax.psum(sq, axis_name) if axis_name is not None else sq
+  return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=stacked)
 
 
 class ScaleByTrustRatioState(NamedTuple):
@@ -177,7 +178,7 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
     def sq_norms(u, w, s, decay):
       if decay:
         u = u + weight_decay * w
-      return _sq_norm(w, None, s), _sq_norm(u, None, s)
+      return _sq_norm(w, s), _sq_norm(u, s)
 
     def ratios(w_sq, u_sq):
       # All parameters' ratios in one vectorized computation rather than one small
@@ -239,9 +240,14 @@ def clip_by_global_norm(max_norm: float = 1.0, axis_name: Optional[str] = None,
 
   def update_fn(updates, state, params=None):
     del params
+    leaves = jax.tree.leaves(updates)
     split = jax.tree.leaves(_resolve_sharded(sharded, updates))
-    total = sum(_sq_norm(u, axis_name if c else None)
-                for u, c in zip(jax.tree.leaves(updates), split))
+    if axis_name is None:
+      split = [False] * len(leaves)
+    # The sharded leaves' squares summed here, then one all-reduce (not one per leaf).
+    local = parallel.global_sq_norm([u for u, c in zip(leaves, split) if not c])
+    sharded_sq = parallel.global_sq_norm([u for u, c in zip(leaves, split) if c])
+    total = local + (jax.lax.psum(sharded_sq, axis_name) if any(split) else sharded_sq)
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(total), 1e-30))
     return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
 
