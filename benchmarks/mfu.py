@@ -99,8 +99,8 @@ def main(_):
   print(f"device={device} x{num_devices} backend={jax.default_backend()} "
         f"dtype={FLAGS.dtype} batch={FLAGS.batch}")
   print(f"matmul peak ({n}x{n}, measured): {peak / 1e12:.2f} TFLOP/s per device")
-  print(f"ResNet-50 step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis, lowered), {step * 1e3:.1f} ms, "
-        f"{FLAGS.batch / step:.0f} examples/s")
+  print(f"ResNet-50 step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis, lowered), "
+        f"{step * 1e3:.1f} ms, {FLAGS.batch / step:.0f} examples/s")
   print(f"MFU vs measured peak: {achieved / (peak * num_devices):.3f}")
   for name, peaks in DATASHEET.items():
     if name in device and FLAGS.dtype in peaks:

@@ -91,6 +91,7 @@ def main(_):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import time_interleaved  # pylint: disable=g-import-not-at-top
   from effjax import optim  # pylint: disable=g-import-not-at-top
 
   def make_tree(shapes, seed):
@@ -98,32 +99,20 @@ def main(_):
     return {f"p{i:03d}": 0.05 * jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
 
   def loop(body, carry, extra):
-    """``[call, carry, extra, times]``: ``carry <- body(carry, extra)`` run ``--inner``
-    times inside one jitted, donated call, compiled and warmed up. Timed per call, it
-    is the device's time for the work, without the host's per-call dispatch of
+    """A run for ``benchmarks.common.time_interleaved``: ``carry <- body(carry, extra)``
+    ``--inner`` times inside one jitted, donated call, compiled and warmed up. Timed per
+    call, it is the device's time for the work, without the host's per-call dispatch of
     hundreds of arrays (on an H100 that dispatch took 2-10 ms per call, 2-6 times the
     update itself). ``extra`` (the gradients) is the same in every iteration; XLA may
     hoist work that reads only it, but no update timed here makes a pass over the
     gradients alone (every norm and moment also reads the parameters or the state), so
     hoisting cannot save bytes."""
-    call = jax.jit(lambda c, e: jax.lax.fori_loop(0, FLAGS.inner, lambda _, c: body(c, e), c),
-                   donate_argnums=(0,))
-    carry = call(carry, extra)
+    inner = jax.jit(lambda c, e: jax.lax.fori_loop(0, FLAGS.inner, lambda _, c: body(c, e), c),
+                    donate_argnums=(0,))
+    call = lambda c, e: (inner(c, e), ())
+    carry, _ = call(carry, extra)
     jax.block_until_ready(carry)
     return [call, carry, extra, []]
-
-  def time_interleaved(runs):
-    """Median seconds per iteration of each run, the runs interleaved in every repeat
-    so that this machine's drift (the fused pass varied 30-55 GB/s between runs) hits
-    the floor and the updates alike."""
-    for _ in range(FLAGS.repeats):
-      for run in runs.values():
-        call, carry, extra, times = run
-        t = time.perf_counter()
-        run[1] = carry = call(carry, extra)
-        jax.block_until_ready(carry)
-        times.append((time.perf_counter() - t) / FLAGS.inner)
-    return {k: statistics.median(r[3]) for k, r in runs.items()}
 
   def opt_step(tx):
     def step(carry, grads):
@@ -166,7 +155,10 @@ def main(_):
             (params, tx.init(params)), grads).compile(), largest)
         passes[(opt, impl)] = (k / same, r / same, w / same, total)
         runs[(opt, impl)] = loop(step, (params, tx.init(params)), grads)
-    times = time_interleaved(runs)
+    # Interleaved in every repeat, so that this machine's drift (the fused pass gave
+    # 28-60 GB/s in runs an hour apart) hits the floor and the updates alike.
+    times = {k: t / FLAGS.inner
+             for k, t in time_interleaved(runs, steps=1, repeats=FLAGS.repeats).items()}
     gbps = {k: 3 * n_params * 4 / 1e9 / times[k] for k in ("pass_tree", "pass_flat")}
     for opt in optimizers:
       n_state = 1 if opt == "lars" else 2

@@ -33,4 +33,3 @@ def data_dir(tmp_path_factory):
   data.get_builder("digits", d)
   data.get_builder("python_stdlib", d)
   return d
-

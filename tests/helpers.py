@@ -33,7 +33,8 @@ def tiny_config(data_dir, **overrides):
 
 def lm_config(data_dir, **overrides):
   """A seconds-long byte-level LM on python_stdlib: 32-token sequences, a 1-layer width-32
-  decoder (tests of stacked layers ask for 2), AdamW, 16 base steps of 16 sequences, eval on 2% of the validation split."""
+  decoder (tests of stacked layers ask for 2), AdamW, 16 base steps of 16 sequences, eval
+  on 2% of the validation split."""
   c = base_config()
   c.task = "lm"
   c.dataset.name = "python_stdlib"
