@@ -8,6 +8,7 @@ switched on one at a time, against the minimal flax+optax step (b) of
 (every one is a rendezvous of all replicas):
 
   lean        per-device BN, no noise scale          (a0 of train_step.py)
+  +bn_shift   lean + BN's variance around the running mean (``model.bn_shift``)
   +noise      lean + the gradient noise scale
   +sync_bn    lean + sync BN over all devices
   full        sync BN + noise scale                  (a of train_step.py)
@@ -35,6 +36,7 @@ def main(_):
   spec = data_lib.get_spec(dataset)
   lean = ts._config(FLAGS.model, dataset, batch, overrides, False, "float32")  # pylint: disable=protected-access
   variants = {"lean": lean,
+              "+bn_shift": with_overrides(lean, {"model.bn_shift": True}),
               "+noise": with_overrides(lean, {"noise_scale.enabled": True}),
               "+sync_bn": with_overrides(lean, {"model.norm": "sync_batch"}),
               "full": with_overrides(lean, {"model.norm": "sync_batch",

@@ -21,7 +21,7 @@ MESH = jax.make_mesh((N,), (DATA_AXIS,))
 
 
 def _x():
-  # Feature means far from 0 (the running-mean shift matters) and a spatial axis.
+  # Feature means far from 0 and a spatial axis.
   x = np.random.default_rng(0).standard_normal((N * PER, 3, C)).astype(np.float32)
   return (x * np.arange(1, C + 1) + 5.0).astype(np.float32)
 

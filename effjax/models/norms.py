@@ -48,6 +48,8 @@ class NormConfig:
     bcn_estimated: micro-batch BCN (estimated statistics) or large-batch BCN.
     conv: ``standard``, ``ws`` (weight standardization), ``scaled_ws`` (NF-ResNet style),
       or ``auto``: ``ws`` for ``batch_channel`` (Qiao et al. pair them), else standard.
+    running_mean_shift: effjax's batch norms take the one-pass variance around the
+      running mean (``effjax.nn.BatchNorm(use_running_mean_shift=True)``).
     batch_norm: for ``batch`` and ``sync_batch``, a linen module with flax's
       ``BatchNorm`` signature to use instead of ``effjax.nn.BatchNorm`` (e.g.
       ``flax.linen.BatchNorm``, to compare against it); None: effjax's.
@@ -60,19 +62,21 @@ class NormConfig:
   virtual_batch_size: int = 32
   bcn_estimated: bool = True
   conv: str = "auto"
+  running_mean_shift: bool = False
   batch_norm: Any = None
 
   @classmethod
   def from_config(cls, model_config: Any) -> "NormConfig":
     """From ``config.model`` (``norm``, ``norm_momentum``, ``norm_groups``,
-    ``bn_group_size``, ``virtual_batch_size``, ``bcn_estimated``, ``conv``; missing keys
-    take the defaults)."""
+    ``bn_group_size``, ``virtual_batch_size``, ``bcn_estimated``, ``conv``, ``bn_shift``;
+    missing keys take the defaults)."""
     get = lambda key, field: model_config.get(key, cls.__dataclass_fields__[field].default)
     return cls(kind=model_config.norm, momentum=get("norm_momentum", "momentum"),
                num_groups=get("norm_groups", "num_groups"),
                group_size=get("bn_group_size", "group_size"),
                virtual_batch_size=get("virtual_batch_size", "virtual_batch_size"),
-               bcn_estimated=get("bcn_estimated", "bcn_estimated"), conv=get("conv", "conv"))
+               bcn_estimated=get("bcn_estimated", "bcn_estimated"), conv=get("conv", "conv"),
+               running_mean_shift=get("bn_shift", "running_mean_shift"))
 
 
 def as_norm_config(norm: "str | NormConfig") -> NormConfig:
@@ -105,9 +109,9 @@ def make_norm(norm: "str | NormConfig", *, train: bool,
     A module constructor taking ``name`` and ``scale_init``.
   """
   n = as_norm_config(norm)
+  shift = {} if n.batch_norm else {"use_running_mean_shift": n.running_mean_shift}
   bn = functools.partial(n.batch_norm or BatchNorm, use_running_average=not train,
-                         momentum=n.momentum,
-                         epsilon=n.epsilon, dtype=dtype)
+                         momentum=n.momentum, epsilon=n.epsilon, dtype=dtype, **shift)
   if n.kind == "batch":
     return bn
   if n.kind == "sync_batch":

@@ -33,11 +33,14 @@ class BatchNorm(nn.Module):
   ``shard_map``/``pmap``; ghost batches are not formed during ``init`` either, so any
   batch (a single example too) initializes in train mode.
 
-  Numerics: the one-pass variance ``E[x^2] - E[x]^2`` is taken around the running mean
-  (``shift``), at the same single collective. Once the running mean has tracked the
-  activations, the variance is accurate for any ``|mean|/std`` (within 1e-3 relative at
-  2000, float32); before that (from the initial running mean 0) it has the plain one-pass
-  formula's cancellation, as flax's ``BatchNorm`` always does.
+  Numerics: by default the one-pass variance ``E[x^2] - E[x]^2`` (clipped at 0), flax's
+  formula, which loses about ``2 log10(|mean|/std)`` digits to cancellation. With
+  ``use_running_mean_shift=True`` it is taken around the running mean instead, at the
+  same single collective: once the running mean has tracked the activations, the
+  variance is accurate for any ``|mean|/std`` (within 1e-3 relative at 2000, float32).
+  The shift is off by default because XLA:CPU then stores ``x - running_mean`` for the
+  reductions (one more pass over every BN input: 6% of the mnist1d CNN's step,
+  BENCHMARKS.md); turn it on for activations whose mean is far larger than their spread.
 
   Differences from ``flax.linen.BatchNorm`` to know:
 
@@ -61,6 +64,8 @@ class BatchNorm(nn.Module):
     virtual_batch_size: ghost BN, statistics over each chunk of this many examples of a
       replica's batch.
     use_fast_variance: one-pass ``E[x^2] - E[x]^2`` (flax's default) or two-pass.
+    use_running_mean_shift: take the one-pass variance around the running mean (see
+      Numerics).
 
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167; Hoffer et al. 2017, arXiv:1705.08741 (ghost
@@ -80,6 +85,7 @@ class BatchNorm(nn.Module):
   group_size: int | None = None
   virtual_batch_size: int | None = None
   use_fast_variance: bool = True
+  use_running_mean_shift: bool = False
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -103,7 +109,7 @@ class BatchNorm(nn.Module):
         group_size=None if init else self.group_size,
         virtual_batch_size=None if init else self.virtual_batch_size, mask=mask,
         use_fast_variance=self.use_fast_variance, dtype=self.dtype,
-        shift=None if init else ra_mean.value)
+        shift=ra_mean.value if self.use_running_mean_shift and not init else None)
     if not init:
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var

@@ -36,8 +36,8 @@ class BatchNorm(nnx.Module):
   ``virtual_batch_size`` added. ``scale`` and ``bias`` are ``nnx.Param``, ``mean`` and
   ``var`` are ``nnx.BatchStat``. The running averages are updated from the count-weighted
   average of the statistics over the whole ``axis_name``, so they stay identical on every
-  replica (see ``effjax.nn.functional.batch_norm``); the one-pass variance is taken
-  around the running mean, as in the linen module.
+  replica (see ``effjax.nn.functional.batch_norm``); ``use_running_mean_shift=True``
+  takes the one-pass variance around the running mean, as in the linen module.
 
   Differs from ``nnx.BatchNorm`` in the output dtype only: with ``dtype=None`` it is the
   input's (statistics are float32 in both).
@@ -59,7 +59,8 @@ class BatchNorm(nnx.Module):
                use_scale: bool = True, bias_init: Initializer = nnx.initializers.zeros_init(),
                scale_init: Initializer = nnx.initializers.ones_init(), axis_name: Any = None,
                group_size: Optional[int] = None, virtual_batch_size: Optional[int] = None,
-               use_fast_variance: bool = True, rngs: nnx.Rngs):
+               use_fast_variance: bool = True, use_running_mean_shift: bool = False,
+               rngs: nnx.Rngs):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -69,6 +70,7 @@ class BatchNorm(nnx.Module):
     self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
     self.axis_name, self.group_size = axis_name, group_size
     self.virtual_batch_size, self.use_fast_variance = virtual_batch_size, use_fast_variance
+    self.use_running_mean_shift = use_running_mean_shift
 
   def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
     axes = F._axes(x.ndim, self.axis)
@@ -81,7 +83,8 @@ class BatchNorm(nnx.Module):
     y, mean, var = F.batch_norm(
         x, scale, bias, feature_axes=axes, epsilon=self.epsilon, axis_name=self.axis_name,
         group_size=self.group_size, virtual_batch_size=self.virtual_batch_size, mask=mask,
-        use_fast_variance=self.use_fast_variance, dtype=self.dtype, shift=self.mean[...])
+        use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+        shift=self.mean[...] if self.use_running_mean_shift else None)
     m = self.momentum
     self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1.0 - m) * mean)
     self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1.0 - m) * var)
