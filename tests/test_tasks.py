@@ -127,3 +127,25 @@ def test_the_readme_losses_snippet_gives_the_global_batch_gradient():
   local = jax.grad(lambda w: jnp.mean(jnp.stack([effjax.losses.nt_xent(
       x1[i:i + 8] @ w, x2[i:i + 8] @ w, 0.1).mean() for i in range(0, 64, 8)])))(jnp.eye(16, 8))
   assert np.abs(np.asarray(local) - np.asarray(ref)).max() > 1e-3
+
+
+def test_top1_correct_is_argmax_with_its_ties():
+  """``top1_correct`` equals ``argmax(logits, -1) == labels`` on random rows, on rows with
+  ties (the first maximum wins, as in argmax), on all-equal rows (a zero-initialised head:
+  only label 0 is right) and in bfloat16; counting ties as right would differ."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 7, 11)).astype(np.float32)
+  x[0, :, 4] = x[0, :, 9] = x[0].max(-1) + 1.0  # A tie for the max at 4 and 9.
+  x[1] = 0.0                                       # Every logit equal.
+  labels = rng.integers(0, 11, (6, 7))
+  labels[0, :4], labels[0, 4:] = 9, 4              # Both tied classes as labels.
+  labels[1, :3] = 0
+  for dtype in (jnp.float32, jnp.bfloat16):
+    logits = jnp.asarray(x, dtype)
+    want = np.asarray(jnp.argmax(logits, -1) == labels)
+    got = np.asarray(tasks.top1_correct(logits, jnp.asarray(labels)))
+    np.testing.assert_array_equal(got, want)
+    assert want[0, 4:].all() and not want[0, :4].any() and want[1].sum() == 3
+    ties_right = np.asarray(jnp.take_along_axis(logits, jnp.asarray(labels)[..., None], -1)[..., 0]
+                            >= logits.max(-1))
+    assert (ties_right != want).any()

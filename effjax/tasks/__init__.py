@@ -4,7 +4,7 @@
 ``effjax.tasks.base`` for the interface and the README for a task written outside effjax.
 """
 
-from effjax.tasks.base import LossOutput, NATS_PER_BIT, Task, apply_train, rows
+from effjax.tasks.base import LossOutput, NATS_PER_BIT, Task, apply_train, rows, top1_correct
 from effjax.tasks.classification import ClassificationTask, cross_entropy
 from effjax.tasks.contrastive import (CONTRASTIVE_LOSSES, NEGATIVES, ContrastiveTask,
                                       knn_accuracy, linear_probe_accuracy)

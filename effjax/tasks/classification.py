@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effjax.tasks.base import LossOutput, Task, apply_train
+from effjax.tasks.base import LossOutput, Task, apply_train, top1_correct
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
@@ -36,14 +36,14 @@ class ClassificationTask(Task):
   def loss(self, apply_fn, variables, batch, rng):
     logits, state = apply_train(apply_fn, variables, batch["input"], rng=rng)
     per_example = cross_entropy(logits, batch["label"], self.label_smoothing)
-    correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    correct = jnp.sum(top1_correct(logits, batch["label"])).astype(jnp.float32)
     return LossOutput(jnp.sum(per_example), jnp.asarray(per_example.shape[0], jnp.float32),
                       {"accuracy": correct}, state)
 
   def eval_sums(self, apply_fn, variables, batch):
     logits = apply_fn(variables, batch["input"], train=False)
     mask = batch["mask"]
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    correct = top1_correct(logits, batch["label"]).astype(jnp.float32)
     return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
             "accuracy": jnp.sum(correct * mask), "weight": jnp.sum(mask),
             "count": jnp.sum(mask)}

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effjax.tasks.base import NATS_PER_BIT, LossOutput, Task, apply_train
+from effjax.tasks.base import NATS_PER_BIT, LossOutput, Task, apply_train, top1_correct
 
 
 def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -28,7 +28,7 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                         targets.astype(jnp.int32))
   w = weights.astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  correct = top1_correct(logits, targets).astype(jnp.float32)
   return jnp.sum(nll * w), jnp.sum(correct * w), jnp.sum(w)
 
 
