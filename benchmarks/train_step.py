@@ -16,6 +16,9 @@ byte-level decoder LM on packed 128-token sequences), with the same global batch
        loss, the dropout RNG, the noise scale and the same metrics);
   (a0) effjax's train step with the extras off: per-device BN, no noise scale (LARS and
        the norms stay: they are the step);
+       both with BN's variance in flax's formula (``model.bn_shift=False``, the maths of
+       (b)); effjax's default takes it around the running mean, whose cost
+       ``benchmarks/step_profile.py`` measures (+bn_shift);
   (b)  a minimal hand-written flax+optax step for the same model: per-device
        ``flax.linen.BatchNorm``, ``optax.lars``, ``pmean`` of the gradients under
        ``shard_map``, loss only (the LM: the same decoder, ``optax.adamw``, the masked
@@ -76,6 +79,9 @@ def _config(model, dataset, batch, overrides, extras: bool, dtype: str):
   c.optimizer.weight_decay = 5e-4
   c.compute_dtype = dtype
   c.model.norm = "sync_batch" if extras else "batch"
+  # flax's variance formula, the maths of (b): effjax's default shift around the running
+  # mean costs a pass on XLA:CPU (benchmarks/step_profile.py, +bn_shift).
+  c.model.bn_shift = False
   c.noise_scale.enabled = False
   if model == "lm":
     c.task, c.model.name, c.model.norm = "lm", "decoder_lm", "layer"

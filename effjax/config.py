@@ -65,7 +65,7 @@ def _model_schema(c: ml_collections.ConfigDict) -> None:
   c.model.bn_group_size = 2         # group_batch: replicas per BN group.
   c.model.virtual_batch_size = 32   # ghost_batch: examples per ghost batch.
   c.model.bcn_estimated = True      # batch_channel: micro-batch (estimated statistics).
-  c.model.bn_shift = False          # BN variance around the running mean (effjax.nn.BatchNorm).
+  c.model.bn_shift = True           # BN variance around the running mean; False: flax's.
   c.model.conv = "auto"             # One of effjax.models.CONVS; auto: ws for batch_channel.
   c.model.widths = (64, 128, 128)
   c.model.kernel_size = 5

@@ -188,7 +188,8 @@ def _micro_sums(task, state, params, stats, mb, rng, small_batch):
   if small_batch == "microbatch":
     s, _ = _pmean(s, {}, state.fsdp_dims)
   if small_batch:
-    s = s._replace(small_sq=fsdp_lib.sq_norm(jax.tree.map(lambda x: x / s.weight, s.grads),
+    inv_w = 1.0 / s.weight  # A product, not a quotient per element: XLA keeps it fused.
+    s = s._replace(small_sq=fsdp_lib.sq_norm(jax.tree.map(lambda x: x * inv_w, s.grads),
                                              state.fsdp_dims))
   return s, out.model_state.get("batch_stats", {})
 
@@ -330,7 +331,10 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
   if not reduced:
     sums, batch_stats = _pmean(sums, batch_stats, dims)
   w = sums.weight
-  grads = jax.tree.map(lambda g: g / w, sums.grads)
+  # Times the reciprocal, not divided per element: XLA:CPU stores a per-element quotient
+  # for its several readers (the norm, the optimizer's moments); a product stays fused.
+  inv_w = 1.0 / w
+  grads = jax.tree.map(lambda g: g * inv_w, sums.grads)
   return (grads, sums.loss / w, {k: v / w for k, v in sums.metrics.items()}, sums.small_sq,
           batch_stats)
 

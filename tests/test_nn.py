@@ -367,7 +367,7 @@ def test_bn_variance_is_accurate_at_mean_over_std_2000(group_size):
   mean has tracked the activations (200 train steps from init), the batch variance that
   feeds the running average is within 1e-3 of the float64 value, under sync and grouped
   statistics, with the same number of collectives as before. The plain one-pass
-  E[x^2] - E[x]^2 (flax's, and effjax's default, without the shift) is far off."""
+  E[x^2] - E[x]^2 (flax's, and effjax's with use_running_mean_shift=False) is far off."""
   rng = np.random.RandomState(0)
   x = (100.0 + 0.05 * rng.randn(64, 4)).astype(np.float32)
   def tracked(shift: bool):
@@ -392,7 +392,7 @@ def test_bn_variance_is_accurate_at_mean_over_std_2000(group_size):
     return F.batch_norm(xl, axis_name=AXIS, group_size=group_size, shift=shift)[2]
   plain = _replicas(lambda _, xl: one_pass(xl, None), "shard_map", 8, {}, x)[0]
   assert np.max(np.abs(plain / want - 1)) > 1e-2  # The defect the shift removes.
-  # The module's default (no shift) keeps that defect in its running variance.
+  # Without the shift the module keeps that defect in its running variance.
   assert np.max(np.abs(tracked(shift=False)["var"][0] / want - 1)) > 1e-2
   mesh = Mesh(np.array(jax.devices()), (AXIS,))
   count = lambda shift: _collectives(jax.make_jaxpr(jax.shard_map(

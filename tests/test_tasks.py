@@ -31,9 +31,7 @@ def _default_config(data_dir, **overrides):
   base = {"dataset.data_dir": data_dir, "dataset.num_examples": 5000,
           "dataset.num_train_examples": 4000, "batch_size": 512, "eval_batch_size": 1024,
           "num_epochs": 2.0, "log_every": 1, "schedule.warmup_epochs": 1.0,
-          "eval_every_epochs": 2.0, "checkpoint.every_steps": 0,
-          # Recorded with BN's variance around the running mean (then always on).
-          "model.bn_shift": True}
+          "eval_every_epochs": 2.0, "checkpoint.every_steps": 0}
   return with_overrides(module.get_config(), {**base, **overrides})
 
 

@@ -49,7 +49,8 @@ class NormConfig:
     conv: ``standard``, ``ws`` (weight standardization), ``scaled_ws`` (NF-ResNet style),
       or ``auto``: ``ws`` for ``batch_channel`` (Qiao et al. pair them), else standard.
     running_mean_shift: effjax's batch norms take the one-pass variance around the
-      running mean (``effjax.nn.BatchNorm(use_running_mean_shift=True)``).
+      running mean (``effjax.nn.BatchNorm(use_running_mean_shift=...)``); False: flax's
+      formula.
     batch_norm: for ``batch`` and ``sync_batch``, a linen module with flax's
       ``BatchNorm`` signature to use instead of ``effjax.nn.BatchNorm`` (e.g.
       ``flax.linen.BatchNorm``, to compare against it); None: effjax's.
@@ -62,7 +63,7 @@ class NormConfig:
   virtual_batch_size: int = 32
   bcn_estimated: bool = True
   conv: str = "auto"
-  running_mean_shift: bool = False
+  running_mean_shift: bool = True
   batch_norm: Any = None
 
   @classmethod

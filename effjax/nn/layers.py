@@ -33,14 +33,15 @@ class BatchNorm(nn.Module):
   ``shard_map``/``pmap``; ghost batches are not formed during ``init`` either, so any
   batch (a single example too) initializes in train mode.
 
-  Numerics: by default the one-pass variance ``E[x^2] - E[x]^2`` (clipped at 0), flax's
-  formula, which loses about ``2 log10(|mean|/std)`` digits to cancellation. With
-  ``use_running_mean_shift=True`` it is taken around the running mean instead, at the
-  same single collective: once the running mean has tracked the activations, the
-  variance is accurate for any ``|mean|/std`` (within 1e-3 relative at 2000, float32).
-  The shift is off by default because XLA:CPU then stores ``x - running_mean`` for the
-  reductions (one more pass over every BN input: 6% of the mnist1d CNN's step,
-  BENCHMARKS.md); turn it on for activations whose mean is far larger than their spread.
+  Numerics: the one-pass variance ``E[x^2] - E[x]^2`` is taken around the running mean
+  (``use_running_mean_shift``, on by default), at the same single collective. Once the
+  running mean has tracked the activations, the variance is accurate for any
+  ``|mean|/std`` (within 1e-3 relative at 2000, float32); before that (from the initial
+  running mean 0) it has the plain one-pass formula's cancellation, about
+  ``2 log10(|mean|/std)`` digits, as flax's ``BatchNorm`` always does. ``False`` gives
+  flax's formula exactly; on XLA:CPU it is faster, since the shift makes XLA store
+  ``x - running_mean`` for its reductions (one more pass over every BN input: 6% of the
+  mnist1d CNN's step, BENCHMARKS.md).
 
   Differences from ``flax.linen.BatchNorm`` to know:
 
@@ -65,7 +66,7 @@ class BatchNorm(nn.Module):
       replica's batch.
     use_fast_variance: one-pass ``E[x^2] - E[x]^2`` (flax's default) or two-pass.
     use_running_mean_shift: take the one-pass variance around the running mean (see
-      Numerics).
+      Numerics); ``False``: flax's formula.
 
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167; Hoffer et al. 2017, arXiv:1705.08741 (ghost
@@ -85,7 +86,7 @@ class BatchNorm(nn.Module):
   group_size: int | None = None
   virtual_batch_size: int | None = None
   use_fast_variance: bool = True
-  use_running_mean_shift: bool = False
+  use_running_mean_shift: bool = True
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):

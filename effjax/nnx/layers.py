@@ -36,8 +36,9 @@ class BatchNorm(nnx.Module):
   ``virtual_batch_size`` added. ``scale`` and ``bias`` are ``nnx.Param``, ``mean`` and
   ``var`` are ``nnx.BatchStat``. The running averages are updated from the count-weighted
   average of the statistics over the whole ``axis_name``, so they stay identical on every
-  replica (see ``effjax.nn.functional.batch_norm``); ``use_running_mean_shift=True``
-  takes the one-pass variance around the running mean, as in the linen module.
+  replica (see ``effjax.nn.functional.batch_norm``); the one-pass variance is taken
+  around the running mean unless ``use_running_mean_shift=False``, as in the linen
+  module.
 
   Differs from ``nnx.BatchNorm`` in the output dtype only: with ``dtype=None`` it is the
   input's (statistics are float32 in both).
@@ -59,7 +60,7 @@ class BatchNorm(nnx.Module):
                use_scale: bool = True, bias_init: Initializer = nnx.initializers.zeros_init(),
                scale_init: Initializer = nnx.initializers.ones_init(), axis_name: Any = None,
                group_size: Optional[int] = None, virtual_batch_size: Optional[int] = None,
-               use_fast_variance: bool = True, use_running_mean_shift: bool = False,
+               use_fast_variance: bool = True, use_running_mean_shift: bool = True,
                rngs: nnx.Rngs):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
