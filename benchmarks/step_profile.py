@@ -11,7 +11,8 @@ switched on one at a time, against the minimal flax+optax step (b) of
   +bn_shift   lean + BN's variance around the running mean (``model.bn_shift``)
   +noise      lean + the gradient noise scale
   +sync_bn    lean + sync BN over all devices
-  full        sync BN + noise scale                  (a of train_step.py)
+  full        (a) of train_step.py: sync BN, and the noise scale for models without BN
+              (with sync BN it needs microbatches, other maths)
 """
 
 import os
@@ -39,8 +40,7 @@ def main(_):
               "+bn_shift": with_overrides(lean, {"model.bn_shift": True}),
               "+noise": with_overrides(lean, {"noise_scale.enabled": True}),
               "+sync_bn": with_overrides(lean, {"model.norm": "sync_batch"}),
-              "full": with_overrides(lean, {"model.norm": "sync_batch",
-                                            "noise_scale.enabled": True})}
+              "full": ts._config(FLAGS.model, dataset, batch, overrides, True, "float32")}  # pylint: disable=protected-access
   runs = {k: compiled_step(c) for k, c in variants.items()}
   runs["b"], _ = ts._minimal_flax_step(lean, trainer.Runner(lean.parallel), spec)  # pylint: disable=protected-access
   count = lambda run: len(re.findall(r"all-reduce(?:-start)?\(",

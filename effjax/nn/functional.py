@@ -75,10 +75,10 @@ def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
     count = jnp.sum(m, axes, keepdims=True, dtype=dtype)
 
   def reduce(*sums):
+    if axis_name is None:
+      return sums
     stacked = jnp.stack(jnp.broadcast_arrays(*sums))  # one collective for all sums
-    if axis_name is not None:
-      stacked = group_psum(stacked, axis_name, group_size)
-    return tuple(stacked)
+    return tuple(group_psum(stacked, axis_name, group_size))
 
   if use_fast_variance:
     count, s1, s2 = reduce(count, jnp.sum(x, axes, keepdims=True),
