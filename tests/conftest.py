@@ -5,13 +5,7 @@ import tempfile
 
 # Must precede any JAX import: every test runs on 8 simulated CPU devices.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           # Compile XLA:CPU's generated loops without LLVM's optimizer:
-                           # the tests check numbers, not speed, and their tiny programs
-                           # spend more time compiling than running (an LM resume test:
-                           # 29 s -> 19 s of compiling). The library kernels (dots,
-                           # convolutions, reductions) are prebuilt and unaffected.
-                           " --xla_backend_optimization_level=0").strip()
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every compiled per-replica function checks that its outputs agree across replicas
 # (effjax.parallel.Runner.compile); the CLI tests' subprocesses inherit it.
