@@ -39,9 +39,9 @@ class BatchNorm(nn.Module):
   ``|mean|/std`` (within 1e-3 relative at 2000, float32); before that (from the initial
   running mean 0) it has the plain one-pass formula's cancellation, about
   ``2 log10(|mean|/std)`` digits, as flax's ``BatchNorm`` always does. ``False`` gives
-  flax's formula exactly; on XLA:CPU it is faster, since the shift makes XLA store
-  ``x - running_mean`` for its reductions (one more pass over every BN input: 6% of the
-  mnist1d CNN's step, BENCHMARKS.md).
+  flax's formula exactly; on XLA:CPU it is a little faster, since the shift makes XLA
+  store ``x - running_mean`` for its reductions (one more pass over every BN input: 0.8%
+  of the mnist1d CNN's step in ``benchmarks/step_profile.py``, BENCHMARKS.md).
 
   Differences from ``flax.linen.BatchNorm`` to know:
 
