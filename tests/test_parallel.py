@@ -124,6 +124,9 @@ def test_replication_check_names_an_output_left_unreduced():
     runner.compile(forgot, donate_state=False, check_replicated=True)({}, x)
   unchecked = runner.compile(forgot, donate_state=False, check_replicated=False)({}, x)
   assert float(runner.to_host(unchecked)["local"]) == 0.5  # Device 0's rows 0 and 1.
+  # The host-side naming compares copies of the same part only: the batch, split over
+  # the devices, differs shard to shard and is not named.
+  assert effjax.parallel.differing_outputs({**unchecked, "batch": x}) == ["['local']"]
   reduced = lambda state, b: {"mean": jax.lax.pmean(b["x"].mean(), "data")}
   out = runner.compile(reduced, donate_state=False, check_replicated=True)({}, x)
   assert float(runner.to_host(out)["mean"]) == 7.5
@@ -165,7 +168,8 @@ def test_train_step_in_a_users_shard_map_with_either_check_vma(data_dir, check_v
 def test_replication_flags_find_one_differing_element_in_any_dtype():
   """The check compares bits: one element changed on one replica flags exactly that
   leaf, whatever its dtype; NaNs equal on every replica pass, and 0.0 against -0.0
-  (equal as numbers) does not. An empty leaf passes."""
+  (equal as numbers) does not. An empty leaf passes. ``replicas_agree`` is their
+  conjunction."""
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   runner = effjax.Runner("shard_map")
   leaves = {"f32": jnp.full((3, 5), jnp.nan), "bf16": jnp.ones((7,), jnp.bfloat16),
@@ -179,11 +183,14 @@ def test_replication_flags_find_one_differing_element_in_any_dtype():
       if change:
         name, fn = change
         tree[name] = jnp.where(jax.lax.axis_index("data") == 5, fn(tree[name]), tree[name])
-      return effjax.parallel.replication_flags(tree)
+      return (effjax.parallel.replication_flags(tree),
+              effjax.parallel.replicas_agree(tree))
     f = jax.jit(jax.shard_map(per_replica, mesh=runner.mesh, in_specs=P("data"),
                               out_specs=P(), check_vma=False))
     names = sorted(leaves)  # jax.tree.leaves orders dict keys.
-    return dict(zip(names, np.asarray(f(jnp.zeros(8)))))
+    flags, agree = f(jnp.zeros(8))
+    assert bool(agree) == bool(np.all(flags))  # The compiled steps' one-flag form.
+    return dict(zip(names, np.asarray(flags)))
 
   assert all(flags_with(None).values())
   changes = {"f32": lambda x: x.at[2, 4].set(1.0), "bf16": lambda x: x.at[3].add(1),
