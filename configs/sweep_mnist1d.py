@@ -16,8 +16,9 @@ per batch, then flatten; the fitted B_crit and the measured B_simple are of the 
 order of magnitude (docs/results.md has the numbers).
 
 Size argument: ``:tiny`` (the canonical 4000/1000 split, batch sizes 8 to 128 at one LR,
-0.5 x the rule, target 80%, at most 8 epochs; 30 s on 2 cores. All 5 batch sizes reach
-the target: B_crit 46 with rmse 0.149 in log steps, B_simple 47. It is what
+0.5 x the rule, target 80%, at most 8 epochs; 35 s on 2 cores. All 5 batch sizes reach
+the target: B_crit 36 with rmse 0.168 in log steps, B_simple 39 (measured 2026-11-23;
+46, 0.149 and 47 when first recorded, in commit baa667c). It is what
 ``notebooks/critical_batch.ipynb`` runs when no sweep is given).
 """
 

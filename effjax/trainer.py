@@ -53,6 +53,12 @@ class NonFiniteError(RuntimeError):
     self.step = step
 
 
+def _refuse_file_workdir(path: epath.Path) -> None:
+  if path.exists() and not path.is_dir():
+    raise config_lib.ConfigError(f"workdir {os.fspath(path)!r} is a file; it must be a "
+                                 "directory")
+
+
 def prepare_workdir(workdir: str) -> str:
   """Checks that ``workdir`` is (or can be made) a writable directory, and creates it.
 
@@ -66,8 +72,7 @@ def prepare_workdir(workdir: str) -> str:
   """
   path = ckpt_lib.resolve_path(workdir)
   workdir = os.fspath(path)
-  if path.exists() and not path.is_dir():
-    raise config_lib.ConfigError(f"workdir {workdir!r} is a file; it must be a directory")
+  _refuse_file_workdir(path)
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".effjax-write-probe-{os.getpid()}-{uuid.uuid4().hex}"
@@ -722,6 +727,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.perf_counter()
   runner = Runner.from_config(config)
   config_lib.validate(config, runner.num_devices)
+  _refuse_file_workdir(ckpt_lib.resolve_path(workdir))  # Before seconds of data and model.
   done = _finished_target_run(os.fspath(ckpt_lib.resolve_path(workdir)), config)
   if done is not None:  # Stopped at its target with this very config: nothing left to do.
     return done
