@@ -130,39 +130,20 @@ def reference(data_dir, tmp_path_factory):
   return out
 
 
-# --- 1. exact resume after SIGKILL ---------------------------------------------------------
+# --- 1. exact resume after SIGKILL and preemption -----------------------------------------
 
-@pytest.mark.parametrize("name, args, total", [("base", BASE, TOTAL),
-                                               ("adaptive", ADAPTIVE, ADAPTIVE_TOTAL),
-                                               ("contrastive", CONTRASTIVE, CONTRASTIVE_TOTAL)])
-def test_sigkill_at_random_steps_resumes_bitwise(reference, data_dir, tmp_path, name, args,
-                                                 total):
-  """Killed twice at random steps (mid-step, mid-save or mid-log), re-run each time: the
-  final parameters, optimizer, BN, EMA, noise-scale and batch-size state, the data position
-  and every logged metric equal the uninterrupted run's, bit for bit (for the contrastive
-  run, that needs both augmented views replayed exactly)."""
-  kills = sorted(RNG.sample(range(2, total - 4), 2))
-  msg = f"seed {SEED}, {name}, SIGKILL after steps {kills}"
-  workdir = str(tmp_path / "run")
-  for k in kills:
-    proc = _cli(args, workdir, data_dir)
-    _signal_at([proc], workdir, k, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, msg
+def _interrupt(args, workdir, data_dir, k, sig, msg, resumes_from=None):
+  """One run, interrupted by ``sig`` once step ``k`` is logged. SIGKILL dies at once;
+  SIGTERM/SIGINT finish the step in flight, save it, say so on stderr and exit 4 (the
+  step saved is returned). ``resumes_from``: the step the run must say it resumed from."""
   proc = _cli(args, workdir, data_dir)
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, f"{msg}: {err[-3000:]}"
-  _assert_same_run(reference[name], workdir, msg)
-
-
-# --- 2. preemption -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_the_current_step_and_exits_4(reference, data_dir, tmp_path, sig):
-  k = RNG.randrange(2, TOTAL - 4)
-  msg = f"seed {SEED}, {sig.name} after step {k}"
-  workdir = str(tmp_path / "run")
-  proc = _cli(BASE, workdir, data_dir)
-  (_, err), = _signal_at([proc], workdir, k, sig)
+  (out, err), = _signal_at([proc], workdir, k, sig)
+  msg = f"{msg}: {sig.name} after step {k}"
+  if resumes_from is not None:
+    assert f"resumed from step {resumes_from} " in out, msg
+  if sig == signal.SIGKILL:
+    assert proc.returncode == -signal.SIGKILL, msg
+    return
   assert proc.returncode == effjax.EXIT_PREEMPTED, f"{msg}: {err[-3000:]}"
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"preempted by {sig.name}: saved a checkpoint at step "), last
@@ -171,11 +152,46 @@ def test_signal_saves_the_current_step_and_exits_4(reference, data_dir, tmp_path
   assert k <= saved <= k + 3, msg
   assert _final_checkpoint(workdir)[0] == saved, msg
   assert _last_logged_step(workdir) == saved, msg
-  proc = _cli(BASE, workdir, data_dir)
+  return saved
+
+
+def _spaced_steps(n, total, gap=5):
+  """``n`` sorted random steps in ``[2, total - 4)``, each ``gap`` after the last: a run
+  resumed after an interruption logs past the previous one's last rows before the next
+  signal is due (a preempted run saves at most 3 steps past its signal)."""
+  while True:
+    steps = sorted(RNG.sample(range(2, total - 4), n))
+    if all(b - a >= gap for a, b in zip(steps, steps[1:])):
+      return steps
+
+
+@pytest.mark.parametrize("name, args, total, signals", [
+    ("base", BASE, TOTAL, (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT)),
+    ("adaptive", ADAPTIVE, ADAPTIVE_TOTAL, (signal.SIGKILL, signal.SIGKILL)),
+    ("contrastive", CONTRASTIVE, CONTRASTIVE_TOTAL, (signal.SIGKILL, signal.SIGKILL))])
+def test_interrupted_at_random_steps_resumes_bitwise(reference, data_dir, tmp_path, name,
+                                                     args, total, signals):
+  """Killed twice at random steps (mid-step, mid-save or mid-log), and for the base run
+  then preempted by SIGTERM and by SIGINT (each saves the step in flight and exits 4),
+  re-run each time: the final parameters, optimizer, BN, EMA, noise-scale and batch-size
+  state, the data position and every logged metric equal the uninterrupted run's, bit
+  for bit (for the contrastive run, that needs both augmented views replayed exactly).
+  The preempted runs are resumed from the step they saved."""
+  ks = _spaced_steps(len(signals), total)
+  msg = f"seed {SEED}, {name}, {[(s.name, k) for s, k in zip(signals, ks)]}"
+  workdir = str(tmp_path / "run")
+  saved = None  # The step the last run was preempted at, where the next one resumes.
+  for k, sig in zip(ks, signals):
+    saved = _interrupt(args, workdir, data_dir, k, sig, msg, resumes_from=saved)
+  proc = _cli(args, workdir, data_dir)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, f"{msg}: {err[-3000:]}"
-  assert f"resumed from step {saved} " in out, msg
-  _assert_same_run(reference["base"], workdir, msg)
+  if saved is not None:
+    assert f"resumed from step {saved} " in out, msg
+  _assert_same_run(reference[name], workdir, msg)
+
+
+# --- 2. preemption of several processes, and the save interval ------------------------------
 
 
 def _free_port():
