@@ -126,13 +126,10 @@ def differing_outputs(tree: Any, stacked: bool = False) -> list[str]:
   ``stacked`` (``pmap`` outputs) the rows of the leading device axis."""
   bad = []
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if stacked:
-      rows = _host_bytes(x)
-      copies = {"all": [r.tobytes() for r in rows]}
-    else:
-      copies = {}
-      for shard in x.addressable_shards:
-        copies.setdefault(repr(shard.index), []).append(_host_bytes(shard.data).tobytes())
+    copies = {}
+    for shard in x.addressable_shards:
+      part = "row" if stacked else repr(shard.index)
+      copies.setdefault(part, []).append(_host_bytes(shard.data).tobytes())
     if any(len(set(c)) > 1 for c in copies.values()):
       bad.append(jax.tree_util.keystr(path))
   return bad

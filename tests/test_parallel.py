@@ -130,6 +130,13 @@ def test_replication_check_names_an_output_left_unreduced():
   reduced = lambda state, b: {"mean": jax.lax.pmean(b["x"].mean(), "data")}
   out = runner.compile(reduced, donate_state=False, check_replicated=True)({}, x)
   assert float(runner.to_host(out)["mean"]) == 7.5
+  # Under pmap the outputs carry a leading device axis; the same output is named.
+  pmapped = effjax.Runner("pmap")
+  xp = pmapped.shard_batch({"x": np.arange(16, dtype=np.float32)})
+  with pytest.raises(effjax.parallel.ReplicationError, match=r"\['local'\]$"):
+    pmapped.compile(forgot, donate_state=False, check_replicated=True)({}, xp)
+  out = pmapped.compile(reduced, donate_state=False, check_replicated=True)({}, xp)
+  assert float(pmapped.to_host(out)["mean"]) == 7.5
 
 
 @pytest.mark.parametrize("check_vma", [True, False])
