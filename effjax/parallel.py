@@ -95,7 +95,7 @@ def replication_flags(tree: Any, axis_name: Any = None) -> jax.Array:
 def replicas_agree(tree: Any, axis_name: Any = None) -> jax.Array:
   """``jnp.all(replication_flags(tree, axis_name))``, without the per-leaf flags: one
   reduction instead of one per leaf, which in a train step's program is about 3 fused
-  kernels for each output leaf (a third of the LM test step's compile time)."""
+  kernels for each output leaf (0.44 s of the test LM step's 2.35 s compile)."""
   axis_name = batch_axes() if axis_name is None else axis_name
   leaves = jax.tree.leaves(tree)
   if not leaves:
@@ -301,8 +301,8 @@ class Runner:
       donate_state: donate the state's buffers to the outputs.
       check_replicated: after every call, check that each output is identical on all
         replicas (split state leaves: on all replicas of ``data``) and raise
-        ``ReplicationError`` naming those that are not (one extra all-gather and a wait
-        per call: for tests and debugging). Default: on when the environment sets
+        ``ReplicationError`` naming those that are not (one extra ``ppermute`` and
+        ``pmin`` and a wait per call: for tests and debugging). Default: on when the environment sets
         ``EFFJAX_CHECK_REPLICATED=1`` and there is more than one device (on one there
         is nothing to compare, and the wait per call would serialize the loop).
     """
