@@ -727,8 +727,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.perf_counter()
   runner = Runner.from_config(config)
   config_lib.validate(config, runner.num_devices)
-  _refuse_file_workdir(ckpt_lib.resolve_path(workdir))  # Before seconds of data and model.
-  done = _finished_target_run(os.fspath(ckpt_lib.resolve_path(workdir)), config)
+  path = ckpt_lib.resolve_path(workdir)
+  _refuse_file_workdir(path)  # Before seconds of data and model.
+  done = _finished_target_run(os.fspath(path), config)
   if done is not None:  # Stopped at its target with this very config: nothing left to do.
     return done
   # Data (present, or generated into the data dir) and the model before the workdir: a

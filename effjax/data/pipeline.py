@@ -129,7 +129,8 @@ class _ReadAndPreprocess:
     return self.preprocess_fn(batch, RowGenerators(self.seed, element["position"]))
 
 
-def train_dataset(source, preprocess_fn: Callable[[Batch, list[np.random.Generator]], Batch], *,
+def train_dataset(source,
+                  preprocess_fn: Callable[[Batch, Sequence[np.random.Generator]], Batch], *,
                   global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, num_threads: int = 2, prefetch_buffer_size: int = 4,
                   num_workers: int = 0, shuffle: bool = True) -> grain.IterDataset:
