@@ -20,17 +20,19 @@ References:
   (automatic cross-replica sharding of weight update).
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.parallel import FSDP_AXIS, global_sq_norm
+from effjax.parallel import DATA_AXIS, FSDP_AXIS, batch_axes, global_sq_norm
 
 REPLICATED = -1
 STACKED_NAME = "layers"  # effjax.models.STACKED_NAME (nn.scan of DecoderLM).
 DEFAULT_MIN_SIZE = 1024
+# split_sq_norms: a leaf with fewer elements per device is summed whole, on one device.
+SPLIT_MIN_PART = 256
 
 
 def _stacked(path) -> bool:
@@ -104,10 +106,63 @@ def gather(params: Any, dims: tuple[int, ...]) -> Any:
   return jax.tree.unflatten(treedef, full)
 
 
+def _part_sq(x: jax.Array, index: jax.Array, parts: int) -> jax.Array:
+  """The squares of device ``index``'s ``1/parts`` of ``x``'s elements, summed in
+  float32; a leaf too small to be worth a slice is summed whole by device 0 alone."""
+  x = x.reshape(-1)
+  q = x.size // parts
+  if q < SPLIT_MIN_PART:
+    return jnp.where(index == 0, global_sq_norm(x), 0.0)
+  part = jax.lax.dynamic_slice_in_dim(x[:q * parts], index * q, q)
+  tail = x[q * parts:]
+  return global_sq_norm(part) + jnp.where(index == 0, global_sq_norm(tail), 0.0)
+
+
+def split_sq_norms(trees: Sequence[Any], dims: tuple[int, ...] = ()) -> jax.Array:
+  """``sq_norm`` of each of several trees that every replica holds alike (reduced
+  gradients, updates, parameters), inside the per-replica step, with the work split over
+  the replicas and one collective for them all.
+
+  Each device sums the squares of its own slice of every leaf (of a replicated leaf, a
+  slice among all devices; of an ``fsdp`` shard, among the devices holding that shard),
+  and one ``psum`` over the batch axes adds the slices of all the trees. The result is
+  the same on every device. ``sq_norm`` has every replica read every element: on 8
+  devices, 8 times the reads for one number.
+
+  Args:
+    trees: the trees, each laid out like the parameters (their shards, per ``dims``),
+      each the same on every replica of the batch axes.
+    dims: ``TrainState.fsdp_dims``: the split dimension of each leaf, ``()`` for none.
+
+  Returns:
+    A float32 vector: the squared l2 norm of each whole (global) tree, in order.
+  """
+  axes = batch_axes()
+  if jax.lax.axis_size(axes) == 1:
+    return jnp.stack([sq_norm(t, dims) for t in trees])
+  return jax.lax.psum(_sq_parts(trees, dims), axes)
+
+
+def _sq_parts(trees: Sequence[Any], dims: tuple[int, ...]) -> jax.Array:
+  """This device's part of each tree's squared norm (``split_sq_norms`` before its psum)."""
+  axes = batch_axes()
+  everyone = (jax.lax.axis_index(axes), jax.lax.axis_size(axes))
+  same_shard = (jax.lax.axis_index(DATA_AXIS), jax.lax.axis_size(DATA_AXIS))
+
+  def part(tree):
+    leaves = jax.tree.leaves(tree)
+    return sum((_part_sq(x, *(everyone if d == REPLICATED else same_shard))
+                for x, d in zip(leaves, dims or (REPLICATED,) * len(leaves))),
+               jnp.zeros((), jnp.float32))
+
+  return jnp.stack([part(t) for t in trees])
+
+
 def sq_norm(tree: Any, dims: tuple[int, ...] = ()) -> jax.Array:
   """The squared l2 norm of all leaves of a tree laid out like the parameters (their
   shards, per ``dims``), in float32: the sharded leaves' squares are summed over
-  ``fsdp``, the replicated ones counted once."""
+  ``fsdp``, the replicated ones counted once. Every device reads all of its leaves; for
+  a tree the same on every replica, ``split_sq_norms`` shares the work."""
   if not dims:
     return global_sq_norm(tree)
   leaves = jax.tree.leaves(tree)

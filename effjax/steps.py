@@ -286,12 +286,11 @@ def _noise_scale(state: TrainState, small_sq, big_sq, b_small: int, b_big: int, 
   return stats_lib.update_noise_scale(state.noise_scale, g2, trace, decay)
 
 
-def _metrics(new_state: TrainState, loss, task_metrics: dict, lr, grad_norm, update_norm,
+def _metrics(new_state: TrainState, loss, task_metrics: dict, lr, norms: "_Norms",
              nonfinite: str, noise_scale_decay: float) -> dict:
   metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in task_metrics.items()},
-             "lr": lr, "grad_norm": grad_norm,
-             "param_norm": jnp.sqrt(fsdp_lib.sq_norm(new_state.params, new_state.fsdp_dims)),
-             "update_norm": update_norm}
+             "lr": lr, "grad_norm": norms.grad, "param_norm": norms.param,
+             "update_norm": norms.update}
   if nonfinite == "skip":
     metrics["nonfinite/skipped"] = new_state.skips.total.astype(jnp.float32)
   metrics.update(trust_ratio_stats(new_state.opt_state))  # lars/lamb/tvlars only.
@@ -342,31 +341,47 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
 _APPLIED = ("params", "opt_state", "ema_params", "batch_stats", "noise_scale")
 
 
-def _apply_or_keep(state: TrainState, grads, lr, loss, grad_norm, batch_stats, noise,
-                   ema_decay: float):
+class _Norms(NamedTuple):
+  """The step's l2 norms (float32 scalars): of the reduced gradient, of the update, of
+  the parameters after the step (the new ones, or the old where the update is dropped)."""
+  grad: jax.Array
+  update: jax.Array
+  param: jax.Array
+
+
+def _norms(state: TrainState, grads, updates, params) -> tuple[_Norms, jax.Array]:
+  """``(norms, old_param_norm)`` from one collective: each replica reads its own slice
+  of the four replica-identical trees (``fsdp.split_sq_norms``). ``norms.param`` is the
+  new parameters' norm until ``_apply_or_keep`` knows whether they are kept."""
+  g, u, p, old = jnp.sqrt(fsdp_lib.split_sq_norms([grads, updates, params, state.params],
+                                                  state.fsdp_dims))
+  return _Norms(grad=g, update=u, param=p), old
+
+
+def _apply_or_keep(state: TrainState, opt_state, params, loss, norms: _Norms, old_param_norm,
+                   batch_stats, noise, ema_decay: float):
   """The update and everything it changes (parameters, optimizer state, EMA, BN
   statistics, noise-scale averages), or the state's own values when the loss or gradient
   is non-finite, training has stopped, or the update itself is non-finite.
 
-  Returns ``(fields, update_norm)``: ``fields`` for ``state.replace``. The update is
-  always computed, and a ``where`` per array keeps the old values; XLA fuses each select
-  into the kernel that writes the new array, so an applied step costs no extra pass.
-  (A ``lax.cond`` around the update copied the state on every applied step, and ran
-  the update as a nested computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.)
-  ``update_norm`` is 0 for a step that was not tried on finite inputs, NaN for
-  non-finite inputs.
+  Returns ``(fields, norms)``: ``fields`` for ``state.replace``. The update is always
+  computed, and a ``where`` per array keeps the old values; XLA fuses each select into
+  the kernel that writes the new array, so an applied step costs no extra pass. (A
+  ``lax.cond`` around the update copied the state on every applied step, and ran the
+  update as a nested computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.) In
+  ``norms``, ``update`` is 0 for a step that was not tried on finite inputs, NaN for
+  non-finite inputs, and ``param`` is the norm of the parameters kept.
   """
   old = {k: getattr(state, k) for k in _APPLIED}
-  updates, opt_state, params = _update(state, grads, lr)
   new = {"params": params, "opt_state": opt_state, "batch_stats": batch_stats,
          "ema_params": _ema(state.ema_params, params, ema_decay), "noise_scale": noise}
-  update_norm = jnp.sqrt(fsdp_lib.sq_norm(updates, state.fsdp_dims))
-  inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  inputs_finite = jnp.isfinite(loss) & jnp.isfinite(norms.grad)
   tried = inputs_finite & (state.nonfinite_step < 0)
-  ok = tried & jnp.isfinite(update_norm)
+  ok = tried & jnp.isfinite(norms.update)
   fields = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  update_norm = jnp.where(tried, update_norm, jnp.where(inputs_finite, 0.0, jnp.nan))
-  return fields, update_norm.astype(jnp.float32)
+  return fields, norms._replace(
+      update=jnp.where(tried, norms.update, jnp.where(inputs_finite, 0.0, jnp.nan)),
+      param=jnp.where(ok, norms.param, old_param_norm))
 
 
 def _ema(ema_params, params, decay: float):
@@ -478,21 +493,22 @@ def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
   grads, loss, task_metrics, small_sq, batch_stats = _reduce(sums, batch_stats, reduced,
                                                              state.fsdp_dims)
   lr, size_state = _learning_rate(state, lr_factor, max_learning_rate, batch_multiplier)
-  grad_norm = jnp.sqrt(fsdp_lib.sq_norm(grads, state.fsdp_dims))
+  updates, opt_state, params = _update(state, grads, lr)
+  norms, old_param_norm = _norms(state, grads, updates, params)
   noise = state.noise_scale
   if noise_on:
-    noise = _noise_scale(state, small_sq / accum_steps, jnp.square(grad_norm), b_small,
+    noise = _noise_scale(state, small_sq / accum_steps, jnp.square(norms.grad), b_small,
                          b * n, noise_scale_decay)
-  applied, update_norm = _apply_or_keep(state, grads, lr, loss, grad_norm, batch_stats, noise,
-                                        ema_decay)
-  skips, stop_now = _guards(state, loss, grad_norm, update_norm, nonfinite,
+  applied, norms = _apply_or_keep(state, opt_state, params, loss, norms, old_param_norm,
+                                  batch_stats, noise, ema_decay)
+  skips, stop_now = _guards(state, loss, norms.grad, norms.update, nonfinite,
                             max_consecutive_skips)
   new_state = state.replace(
       step=state.step + 1, **applied, batch_size_state=size_state, skips=skips,
       nonfinite_step=jnp.where(stop_now & (state.nonfinite_step < 0), state.step,
                                state.nonfinite_step))
-  return new_state, _metrics(new_state, loss, task_metrics, lr, grad_norm, update_norm,
-                             nonfinite, noise_scale_decay)
+  return new_state, _metrics(new_state, loss, task_metrics, lr, norms, nonfinite,
+                             noise_scale_decay)
 
 
 def eval_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION):

@@ -179,3 +179,41 @@ def _rows(workdir):
   import json  # pylint: disable=g-import-not-at-top
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
     return [json.loads(line) for line in f if '"train/loss"' in line]
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_split_sq_norms_equal_numpy_on_every_mesh_and_need_their_psum(k):
+  """``fsdp.split_sq_norms`` (each device reads its slice, one psum) gives every tree's
+  squared norm, the same on every device, on meshes (8, 1), (4, 2) and (1, 8): with a
+  leaf too small to slice, a leaf whose size leaves a tail, and leaves split over
+  ``fsdp``. Without the psum each device has a part only (the defect shown)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  trees = [{"tiny": rng.normal(size=(7,)), "tail": rng.normal(size=(8 * 300 + 5,)),
+            "w": rng.normal(size=(64, 96)), "v": rng.normal(size=(3, 40, 32))}
+           for _ in range(2)]
+  trees = jax.tree.map(lambda x: np.asarray(x, np.float32), trees)
+  mesh = make_mesh(fsdp=k)
+  dims = fsdp.leaf_dims(trees[0], k, min_size=1024)
+  assert (dims == ()) == (k == 1) and (k == 1 or dims.count(fsdp.REPLICATED) == 2)
+  specs = fsdp.partition_specs(trees[0], k, min_size=1024)
+
+  def norms(a, b, psum):
+    if psum:
+      return fsdp.split_sq_norms([a, b], dims)[None]
+    return fsdp._sq_parts([a, b], dims)[None]  # pylint: disable=protected-access
+
+  want = [sum(float(np.sum(np.square(x, dtype=np.float64))) for x in jax.tree.leaves(t))
+          for t in trees]
+  for psum in (True, False):
+    out = jax.jit(jax.shard_map(lambda a, b: norms(a, b, psum), mesh=mesh,
+                                in_specs=(specs, specs), out_specs=P(("data", "fsdp")),
+                                check_vma=False))(*trees)
+    out = np.asarray(out)
+    assert out.shape == (8, 2)
+    if psum:
+      np.testing.assert_allclose(out, np.broadcast_to(want, (8, 2)), rtol=1e-5)
+      assert (out == out[0]).all()
+    else:
+      assert (out < 0.5 * np.asarray(want)).all()
+      np.testing.assert_allclose(out.sum(0), want, rtol=1e-5)
