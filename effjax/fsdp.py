@@ -31,8 +31,8 @@ from effjax.parallel import DATA_AXIS, FSDP_AXIS, batch_axes, global_sq_norm
 REPLICATED = -1
 STACKED_NAME = "layers"  # effjax.models.STACKED_NAME (nn.scan of DecoderLM).
 DEFAULT_MIN_SIZE = 1024
-# split_sq_norms: a leaf with fewer elements per device is summed whole, on one device.
-SPLIT_MIN_PART = 256
+# split_sq_norms: leaves with fewer elements per device are sliced as one concatenation.
+SPLIT_MIN_PART = 4096
 
 
 def _stacked(path) -> bool:
@@ -106,16 +106,33 @@ def gather(params: Any, dims: tuple[int, ...]) -> Any:
   return jax.tree.unflatten(treedef, full)
 
 
-def _part_sq(x: jax.Array, index: jax.Array, parts: int) -> jax.Array:
-  """The squares of device ``index``'s ``1/parts`` of ``x``'s elements, summed in
-  float32; a leaf too small to be worth a slice is summed whole by device 0 alone."""
-  x = x.reshape(-1)
-  q = x.size // parts
-  if q < SPLIT_MIN_PART:
-    return jnp.where(index == 0, global_sq_norm(x), 0.0)
-  part = jax.lax.dynamic_slice_in_dim(x[:q * parts], index * q, q)
-  tail = x[q * parts:]
-  return global_sq_norm(part) + jnp.where(index == 0, global_sq_norm(tail), 0.0)
+def _part_sq(leaves: list, index: jax.Array, parts: int) -> jax.Array:
+  """The squares of device ``index``'s ``1/parts`` of ``leaves``' elements, summed in
+  float32: a slice of each leaf with at least ``SPLIT_MIN_PART`` elements per device
+  (its tail, if ``parts`` does not divide it, on device 0), and of the small leaves a
+  slice of their concatenation (zero-padded to a multiple of ``parts``).
+
+  XLA:CPU runs every reduction as its own kernel, so a slice per small leaf (biases,
+  norm scales) would cost a kernel each; a concatenation of the large ones would copy
+  them whole, since the slice does not fuse into it.
+  """
+  total = jnp.zeros((), jnp.float32)
+  small = []
+  for x in leaves:
+    x = x.reshape(-1)
+    q = x.size // parts
+    if q < SPLIT_MIN_PART:
+      small.append(x.astype(jnp.float32))
+      continue
+    total += global_sq_norm(jax.lax.dynamic_slice_in_dim(x[:q * parts], index * q, q))
+    if x.size > q * parts:
+      total += jnp.where(index == 0, global_sq_norm(x[q * parts:]), 0.0)
+  if small:
+    size = sum(x.size for x in small)
+    q = -(-size // parts)
+    flat = jnp.concatenate(small + [jnp.zeros((q * parts - size,), jnp.float32)])
+    total += global_sq_norm(jax.lax.dynamic_slice_in_dim(flat, index * q, q))
+  return total
 
 
 def split_sq_norms(trees: Sequence[Any], dims: tuple[int, ...] = ()) -> jax.Array:
@@ -151,9 +168,9 @@ def _sq_parts(trees: Sequence[Any], dims: tuple[int, ...]) -> jax.Array:
 
   def part(tree):
     leaves = jax.tree.leaves(tree)
-    return sum((_part_sq(x, *(everyone if d == REPLICATED else same_shard))
-                for x, d in zip(leaves, dims or (REPLICATED,) * len(leaves))),
-               jnp.zeros((), jnp.float32))
+    dims_ = dims or (REPLICATED,) * len(leaves)
+    return (_part_sq([x for x, d in zip(leaves, dims_) if d == REPLICATED], *everyone)
+            + _part_sq([x for x, d in zip(leaves, dims_) if d != REPLICATED], *same_shard))
 
   return jnp.stack([part(t) for t in trees])
 

@@ -184,13 +184,15 @@ def _rows(workdir):
 @pytest.mark.parametrize("k", [1, 2, 8])
 def test_split_sq_norms_equal_numpy_on_every_mesh_and_need_their_psum(k):
   """``fsdp.split_sq_norms`` (each device reads its slice, one psum) gives every tree's
-  squared norm, the same on every device, on meshes (8, 1), (4, 2) and (1, 8): with a
-  leaf too small to slice, a leaf whose size leaves a tail, and leaves split over
-  ``fsdp``. Without the psum each device has a part only (the defect shown)."""
+  squared norm, the same on every device, on meshes (8, 1), (4, 2) and (1, 8): with
+  small leaves (sliced as one concatenation), a large leaf whose size leaves a tail, and
+  large and small leaves split over ``fsdp``. Without the psum each device has a part
+  only (the defect shown)."""
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  trees = [{"tiny": rng.normal(size=(7,)), "tail": rng.normal(size=(8 * 300 + 5,)),
-            "w": rng.normal(size=(64, 96)), "v": rng.normal(size=(3, 40, 32))}
+  big = 8 * fsdp.SPLIT_MIN_PART
+  trees = [{"tiny": rng.normal(size=(7,)), "tail": rng.normal(size=(big + 5,)),
+            "w": rng.normal(size=(64, big // 8)), "v": rng.normal(size=(3, 40, 32))}
            for _ in range(2)]
   trees = jax.tree.map(lambda x: np.asarray(x, np.float32), trees)
   mesh = make_mesh(fsdp=k)
