@@ -106,8 +106,12 @@ def gather(params: Any, dims: tuple[int, ...]) -> Any:
   return jax.tree.unflatten(treedef, full)
 
 
-def _part_sq(leaves: list, index: jax.Array, parts: int) -> jax.Array:
-  """The squares of device ``index``'s ``1/parts`` of ``leaves``' elements, summed in
+def _dot(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
+
+
+def _part_dot(xs: list, ys: list, index: jax.Array, parts: int) -> jax.Array:
+  """Device ``index``'s ``1/parts`` of the inner product of two lists of leaves, in
   float32: a slice of each leaf with at least ``SPLIT_MIN_PART`` elements per device
   (its tail, if ``parts`` does not divide it, on device 0), and of the small leaves a
   slice of their concatenation (zero-padded to a multiple of ``parts``).
@@ -116,63 +120,73 @@ def _part_sq(leaves: list, index: jax.Array, parts: int) -> jax.Array:
   norm scales) would cost a kernel each; a concatenation of the large ones would copy
   them whole, since the slice does not fuse into it.
   """
+  if parts == 1:
+    return sum((_dot(x, y) for x, y in zip(xs, ys)), jnp.zeros((), jnp.float32))
   total = jnp.zeros((), jnp.float32)
-  small = []
-  for x in leaves:
-    x = x.reshape(-1)
+  small_x, small_y = [], []
+  for x, y in zip(xs, ys):
+    x, y = x.reshape(-1), y.reshape(-1)
     q = x.size // parts
     if q < SPLIT_MIN_PART:
-      small.append(x.astype(jnp.float32))
+      small_x.append(x.astype(jnp.float32))
+      small_y.append(y.astype(jnp.float32))
       continue
-    total += global_sq_norm(jax.lax.dynamic_slice_in_dim(x[:q * parts], index * q, q))
+    part = lambda v: jax.lax.dynamic_slice_in_dim(v[:q * parts], index * q, q)  # pylint: disable=cell-var-from-loop
+    total += _dot(part(x), part(y))
     if x.size > q * parts:
-      total += jnp.where(index == 0, global_sq_norm(x[q * parts:]), 0.0)
-  if small:
-    size = sum(x.size for x in small)
+      total += jnp.where(index == 0, _dot(x[q * parts:], y[q * parts:]), 0.0)
+  if small_x:
+    size = sum(x.size for x in small_x)
     q = -(-size // parts)
-    flat = jnp.concatenate(small + [jnp.zeros((q * parts - size,), jnp.float32)])
-    total += global_sq_norm(jax.lax.dynamic_slice_in_dim(flat, index * q, q))
+    pad = [jnp.zeros((q * parts - size,), jnp.float32)]
+    part = lambda v: jax.lax.dynamic_slice_in_dim(jnp.concatenate(v + pad), index * q, q)
+    total += _dot(part(small_x), part(small_y))
   return total
 
 
-def split_sq_norms(trees: Sequence[Any], dims: tuple[int, ...] = ()) -> jax.Array:
-  """``sq_norm`` of each of several trees that every replica holds alike (reduced
-  gradients, updates, parameters), inside the per-replica step, with the work split over
-  the replicas and one collective for them all.
+def split_dots(pairs: Sequence[tuple[Any, Any]], dims: tuple[int, ...] = ()) -> jax.Array:
+  """The inner product ``<a, b>`` (over all leaves) of each pair of trees that every
+  replica holds alike (reduced gradients, updates, parameters), inside the per-replica
+  step, with the work split over the replicas and one collective for them all.
 
-  Each device sums the squares of its own slice of every leaf (of a replicated leaf, a
-  slice among all devices; of an ``fsdp`` shard, among the devices holding that shard),
-  and one ``psum`` over the batch axes adds the slices of all the trees. The result is
-  the same on every device. ``sq_norm`` has every replica read every element: on 8
-  devices, 8 times the reads for one number.
+  Each device reads its own slice of every leaf (of a replicated leaf, a slice among all
+  devices; of an ``fsdp`` shard, among the devices holding that shard), and one ``psum``
+  over the batch axes adds the slices of all the pairs. The result is the same on every
+  device. ``sq_norm`` has every replica read every element: on 8 devices, 8 times the
+  reads for one number.
 
   Args:
-    trees: the trees, each laid out like the parameters (their shards, per ``dims``),
-      each the same on every replica of the batch axes.
+    pairs: ``(a, b)`` trees, each laid out like the parameters (their shards, per
+      ``dims``), each the same on every replica of the batch axes.
     dims: ``TrainState.fsdp_dims``: the split dimension of each leaf, ``()`` for none.
 
   Returns:
-    A float32 vector: the squared l2 norm of each whole (global) tree, in order.
+    A float32 vector: ``<a, b>`` of each pair over the whole (global) trees, in order.
   """
+  parts = _dot_parts(pairs, dims)
   axes = batch_axes()
-  if jax.lax.axis_size(axes) == 1:
-    return jnp.stack([sq_norm(t, dims) for t in trees])
-  return jax.lax.psum(_sq_parts(trees, dims), axes)
+  return parts if jax.lax.axis_size(axes) == 1 else jax.lax.psum(parts, axes)
 
 
-def _sq_parts(trees: Sequence[Any], dims: tuple[int, ...]) -> jax.Array:
-  """This device's part of each tree's squared norm (``split_sq_norms`` before its psum)."""
+def split_sq_norms(trees: Sequence[Any], dims: tuple[int, ...] = ()) -> jax.Array:
+  """``split_dots`` of each tree with itself: the squared l2 norms, one ``psum``."""
+  return split_dots([(t, t) for t in trees], dims)
+
+
+def _dot_parts(pairs: Sequence[tuple[Any, Any]], dims: tuple[int, ...]) -> jax.Array:
+  """This device's part of each pair's inner product (``split_dots`` before its psum)."""
   axes = batch_axes()
   everyone = (jax.lax.axis_index(axes), jax.lax.axis_size(axes))
   same_shard = (jax.lax.axis_index(DATA_AXIS), jax.lax.axis_size(DATA_AXIS))
 
-  def part(tree):
-    leaves = jax.tree.leaves(tree)
-    dims_ = dims or (REPLICATED,) * len(leaves)
-    return (_part_sq([x for x, d in zip(leaves, dims_) if d == REPLICATED], *everyone)
-            + _part_sq([x for x, d in zip(leaves, dims_) if d != REPLICATED], *same_shard))
+  def part(a, b):
+    xs, ys = jax.tree.leaves(a), jax.tree.leaves(b)
+    dims_ = dims or (REPLICATED,) * len(xs)
+    pick = lambda leaves, split: [v for v, d in zip(leaves, dims_) if (d != REPLICATED) == split]
+    return (_part_dot(pick(xs, False), pick(ys, False), *everyone)
+            + _part_dot(pick(xs, True), pick(ys, True), *same_shard))
 
-  return jnp.stack([part(t) for t in trees])
+  return jnp.stack([part(a, b) for a, b in pairs])
 
 
 def sq_norm(tree: Any, dims: tuple[int, ...] = ()) -> jax.Array:

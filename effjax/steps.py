@@ -349,13 +349,20 @@ class _Norms(NamedTuple):
   param: jax.Array
 
 
-def _norms(state: TrainState, grads, updates, params) -> tuple[_Norms, jax.Array]:
+def _norms(state: TrainState, grads, updates) -> tuple[_Norms, jax.Array]:
   """``(norms, old_param_norm)`` from one collective: each replica reads its own slice
-  of the four replica-identical trees (``fsdp.split_sq_norms``). ``norms.param`` is the
-  new parameters' norm until ``_apply_or_keep`` knows whether they are kept."""
-  g, u, p, old = jnp.sqrt(fsdp_lib.split_sq_norms([grads, updates, params, state.params],
-                                                  state.fsdp_dims))
-  return _Norms(grad=g, update=u, param=p), old
+  of the replica-identical trees (``fsdp.split_dots``). ``norms.param`` is the norm of
+  the new parameters ``w + u`` until ``_apply_or_keep`` knows whether they are kept.
+
+  It is taken as ``|w|^2 + 2 <w, u> + |u|^2`` rather than from the new parameters
+  themselves: those are written by the guard's select, and a second reader would make
+  XLA store them once more before it (a pass per parameter array on XLA:CPU).
+  """
+  gg, uu, ww, wu = fsdp_lib.split_dots(
+      [(grads, grads), (updates, updates), (state.params, state.params),
+       (state.params, updates)], state.fsdp_dims)
+  new = jnp.sqrt(jnp.maximum(ww + 2.0 * wu + uu, 0.0))
+  return _Norms(grad=jnp.sqrt(gg), update=jnp.sqrt(uu), param=new), jnp.sqrt(ww)
 
 
 def _apply_or_keep(state: TrainState, opt_state, params, loss, norms: _Norms, old_param_norm,
@@ -494,7 +501,7 @@ def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
                                                              state.fsdp_dims)
   lr, size_state = _learning_rate(state, lr_factor, max_learning_rate, batch_multiplier)
   updates, opt_state, params = _update(state, grads, lr)
-  norms, old_param_norm = _norms(state, grads, updates, params)
+  norms, old_param_norm = _norms(state, grads, updates)
   noise = state.noise_scale
   if noise_on:
     noise = _noise_scale(state, small_sq / accum_steps, jnp.square(norms.grad), b_small,

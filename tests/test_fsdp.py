@@ -4,6 +4,7 @@
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -182,12 +183,12 @@ def _rows(workdir):
 
 
 @pytest.mark.parametrize("k", [1, 2, 8])
-def test_split_sq_norms_equal_numpy_on_every_mesh_and_need_their_psum(k):
-  """``fsdp.split_sq_norms`` (each device reads its slice, one psum) gives every tree's
-  squared norm, the same on every device, on meshes (8, 1), (4, 2) and (1, 8): with
-  small leaves (sliced as one concatenation), a large leaf whose size leaves a tail, and
-  large and small leaves split over ``fsdp``. Without the psum each device has a part
-  only (the defect shown)."""
+def test_split_dots_equal_numpy_on_every_mesh_and_need_their_psum(k):
+  """``fsdp.split_dots`` (each device reads its slice, one psum) gives every pair's inner
+  product over all leaves (``split_sq_norms``: a tree with itself), the same on every
+  device, on meshes (8, 1), (4, 2) and (1, 8): with small leaves (sliced as one
+  concatenation), a large leaf whose size leaves a tail, and large and small leaves
+  split over ``fsdp``. Without the psum each device has a part only (the defect shown)."""
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   big = 8 * fsdp.SPLIT_MIN_PART
@@ -200,22 +201,25 @@ def test_split_sq_norms_equal_numpy_on_every_mesh_and_need_their_psum(k):
   assert (dims == ()) == (k == 1) and (k == 1 or dims.count(fsdp.REPLICATED) == 2)
   specs = fsdp.partition_specs(trees[0], k, min_size=1024)
 
-  def norms(a, b, psum):
+  def dots(a, b, psum):
     if psum:
-      return fsdp.split_sq_norms([a, b], dims)[None]
-    return fsdp._sq_parts([a, b], dims)[None]  # pylint: disable=protected-access
+      return jnp.concatenate([fsdp.split_sq_norms([a, b], dims),
+                              fsdp.split_dots([(a, b)], dims)])[None]
+    return fsdp._dot_parts([(a, a), (b, b), (a, b)], dims)[None]  # pylint: disable=protected-access
 
-  want = [sum(float(np.sum(np.square(x, dtype=np.float64))) for x in jax.tree.leaves(t))
-          for t in trees]
+  leaves = [[np.asarray(x, np.float64) for x in jax.tree.leaves(t)] for t in trees]
+  inner = lambda i, j: sum(float(np.sum(x * y)) for x, y in zip(leaves[i], leaves[j]))
+  want = np.asarray([inner(0, 0), inner(1, 1), inner(0, 1)])
+  assert abs(want[2]) > 10  # The cross term is not ~0 by chance: the test can fail.
   for psum in (True, False):
-    out = jax.jit(jax.shard_map(lambda a, b: norms(a, b, psum), mesh=mesh,
+    out = jax.jit(jax.shard_map(lambda a, b: dots(a, b, psum), mesh=mesh,
                                 in_specs=(specs, specs), out_specs=P(("data", "fsdp")),
                                 check_vma=False))(*trees)
     out = np.asarray(out)
-    assert out.shape == (8, 2)
+    assert out.shape == (8, 3)
     if psum:
-      np.testing.assert_allclose(out, np.broadcast_to(want, (8, 2)), rtol=1e-5)
+      np.testing.assert_allclose(out, np.broadcast_to(want, (8, 3)), rtol=1e-4)
       assert (out == out[0]).all()
     else:
-      assert (out < 0.5 * np.asarray(want)).all()
-      np.testing.assert_allclose(out.sum(0), want, rtol=1e-5)
+      assert (np.abs(out[:, :2]) < 0.5 * want[:2]).all()
+      np.testing.assert_allclose(out.sum(0), want, rtol=1e-4)

@@ -158,9 +158,17 @@ def test_train_step_in_a_users_shard_map_with_either_check_vma(data_dir, check_v
                                check_vma=check_vma))
   state = setup.state.replace(**runner.replicate(setup.state.items()))
   for k, b in enumerate(batches):
+    old = jax.device_get(state.params)
     state, m = step(state, runner.shard_batch(b))
     for key in ("train/loss", "grad_norm", "update_norm", "param_norm"):
       np.testing.assert_allclose(np.asarray(m[key]), ref_hist[k][key], rtol=1e-5, err_msg=key)
+    # The logged norms are those of the new parameters and of the update applied
+    # (from one psum of per-device slices).
+    new = jax.device_get(state.params)
+    np.testing.assert_allclose(float(m["param_norm"]), float(optax.tree.norm(new)), rtol=1e-5)
+    np.testing.assert_allclose(float(m["update_norm"]),
+                               float(optax.tree.norm(jax.tree.map(np.subtract, new, old))),
+                               rtol=1e-3)
   assert_trees_close(jax.device_get(state.items()), ref_items, rtol=1e-5, atol=1e-6)
 
   def naive(w, x):
@@ -170,6 +178,34 @@ def test_train_step_in_a_users_shard_map_with_either_check_vma(data_dir, check_v
                                   out_specs=P(), check_vma=check_vma))(
       jnp.float32(1.0), runner.shard_batch({"x": np.arange(16, dtype=np.float32)})["x"])
   assert float(naive_g) == pytest.approx(7.5 * (8 if check_vma else 1))
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_logged_norms_are_the_new_parameters_and_the_update_applied(mode):
+  """``param_norm`` is the norm of the parameters after the step and ``update_norm`` of
+  what was added to them, with the gradient's, from one psum of per-device slices
+  (``steps._norms``; the new norm as |w|^2 + 2<w, u> + |u|^2). The step is large here
+  (SGD, LR 3), so the norm before the step, the wrong one, is far off."""
+  c = effjax.config.base_config().model
+  c.name, c.widths, c.norm = "mlp", (64,), "none"
+  model = effjax.models.create_model(c, 3, jnp.float32)
+  state = steps.create_train_state(jax.random.key(0), model, optax.sgd(3.0),
+                                   optax.constant_schedule(3.0), (40,))
+  runner = effjax.Runner(mode)
+  rng = np.random.default_rng(0)
+  batch = runner.shard_batch({"input": rng.normal(size=(16, 40)).astype(np.float32),
+                              "label": rng.integers(0, 3, 16).astype(np.int32)})
+  old = jax.device_get(state.params)
+  state, m = runner.compile(steps.train_step)(
+      state.replace(**runner.replicate(state.items())), batch)
+  m = runner.to_host(m)
+  new = jax.device_get(runner.unreplicate(state.params))
+  norm = lambda t: float(optax.tree.norm(t))
+  np.testing.assert_allclose(m["param_norm"], norm(new), rtol=1e-5)
+  np.testing.assert_allclose(m["update_norm"], norm(jax.tree.map(np.subtract, new, old)),
+                             rtol=1e-4)
+  np.testing.assert_allclose(m["update_norm"], 3.0 * m["grad_norm"], rtol=1e-5)
+  assert abs(norm(new) - norm(old)) > 0.05 * norm(old)
 
 
 def test_replication_flags_find_one_differing_element_in_any_dtype():
