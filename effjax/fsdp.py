@@ -31,7 +31,7 @@ from effjax.parallel import DATA_AXIS, FSDP_AXIS, batch_axes, global_sq_norm
 REPLICATED = -1
 STACKED_NAME = "layers"  # effjax.models.STACKED_NAME (nn.scan of DecoderLM).
 DEFAULT_MIN_SIZE = 1024
-# split_sq_norms: leaves with fewer elements per device are sliced as one concatenation.
+# split_dots: leaves with fewer elements per device are sliced as one concatenation.
 SPLIT_MIN_PART = 4096
 
 

@@ -372,10 +372,12 @@ def _apply_or_keep(state: TrainState, opt_state, params, loss, norms: _Norms, ol
   is non-finite, training has stopped, or the update itself is non-finite.
 
   Returns ``(fields, norms)``: ``fields`` for ``state.replace``. The update is always
-  computed, and a ``where`` per array keeps the old values; XLA fuses each select into
-  the kernel that writes the new array, so an applied step costs no extra pass. (A
-  ``lax.cond`` around the update copied the state on every applied step, and ran the
-  update as a nested computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.) In
+  computed, and a ``where`` per array keeps the old values. XLA fuses a select into the
+  kernel that writes the new array when nothing else reads that array (the parameters);
+  an array with another reader (AdamW's moments, read by the update too) is stored and
+  then selected in a pass of its own (BENCHMARKS.md, fifth pass). (A ``lax.cond`` around
+  the update copied the state on every applied step, and ran the update as a nested
+  computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.) In
   ``norms``, ``update`` is 0 for a step that was not tried on finite inputs, NaN for
   non-finite inputs, and ``param`` is the norm of the parameters kept.
   """
