@@ -51,11 +51,14 @@ def batch_axes() -> Any:
   return bound_axes(BATCH_AXES)
 
 
+def _key_data(x) -> Any:
+  """A typed PRNG key array's raw data (its bits); any other array as it is."""
+  return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
 def _bits(x) -> jax.Array:
   """``x``'s bits as a flat uint32 vector (64-bit values as pairs of words)."""
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
+  x = _key_data(jnp.asarray(x))
   if x.dtype.itemsize in (4, 8):
     return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
   if x.dtype == jnp.bool_:
@@ -114,12 +117,6 @@ def _split_state_agrees(state: Any, specs: Any) -> jax.Array:
           replicas_agree([x for x, k in zip(leaves, split) if not k]))
 
 
-def _host_bytes(x: jax.Array) -> np.ndarray:
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  return np.asarray(x)
-
-
 def differing_outputs(tree: Any, stacked: bool = False) -> list[str]:
   """The paths of ``tree``'s leaves whose copies on this process's devices differ
   bitwise: shards holding the same part of an array (``shard.index``), or with
@@ -129,7 +126,7 @@ def differing_outputs(tree: Any, stacked: bool = False) -> list[str]:
     copies = {}
     for shard in x.addressable_shards:
       part = "row" if stacked else repr(shard.index)
-      copies.setdefault(part, []).append(_host_bytes(shard.data).tobytes())
+      copies.setdefault(part, []).append(np.asarray(_key_data(shard.data)).tobytes())
     if any(len(set(c)) > 1 for c in copies.values()):
       bad.append(jax.tree_util.keystr(path))
   return bad
