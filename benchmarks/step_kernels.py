@@ -4,10 +4,11 @@ r"""Kernels in the compiled train steps of ``benchmarks/train_step.py``: (a0) an
 
 Counts the instructions of the optimized HLO's entry computation that run as kernels
 (fusions, convolutions, dots, collectives, copies, sorts; not parameters, tuples,
-bitcasts or constants), on 8 simulated CPU devices, and among them the selects of the
-non-finite guard that XLA could not fuse into the kernel writing their array
-(``broadcast_select_fusion``). On XLA:CPU every kernel is a pass over its operands and a
-launch of its own, so the counts say where a step does more passes than (b).
+bitcasts or constants), on 8 simulated CPU devices, and among them the select kernels
+(``broadcast_select_fusion``): in (a0) mostly the non-finite guard's selects that XLA
+could not fuse into the kernel writing their array; (b), which has no guard, has a few
+of its own. On XLA:CPU every kernel is a pass over its operands and a launch of its own,
+so the counts say where a step does more passes than (b).
 """
 
 import collections
@@ -26,7 +27,7 @@ _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:
-  """``(kernels, unfused guard selects)`` in the entry computation of ``hlo_text``."""
+  """``(kernels, select kernels)`` in the entry computation of ``hlo_text``."""
   entry = hlo_text[hlo_text.index("\nENTRY"):]
   entry = entry[:entry.index("\n}\n")]
   ops = collections.Counter(re.findall(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z\-]+)\(", entry, re.M))
@@ -38,7 +39,7 @@ def main(_):
   from benchmarks.common import compiled_step  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib, trainer  # pylint: disable=g-import-not-at-top
 
-  print("| model | (a0) kernels | (a0) guard selects | (b) kernels | (b) guard selects |")
+  print("| model | (a0) kernels | (a0) selects | (b) kernels | (b) selects |")
   print("|---|---|---|---|---|")
   for name in FLAGS.models:
     dataset, batch, _, overrides = ts.MODELS[name]
