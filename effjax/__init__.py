@@ -26,7 +26,8 @@ from effjax import (adaptive, checkpoint, config, data, distributed, grid, losse
                     models, moe, nn, optim, plot, preemption, stats, sweep, tasks)
 from effjax.config import ConfigError, base_config, validate
 from effjax.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard
-from effjax.parallel import DATA_AXIS, Runner, global_norm, group_psum, make_mesh
+from effjax.parallel import (DATA_AXIS, Runner, global_norm, group_psum, make_mesh, packed_pmean,
+                             packed_psum)
 from effjax.steps import TrainState, create_train_state, cross_entropy, eval_step, train_step
 from effjax.tasks import (ClassificationTask, ContrastiveTask, LanguageModelTask, LossOutput,
                           Task)

@@ -473,6 +473,56 @@ def group_psum(tree: Any, axis_name: Any, group_size: int | None = None) -> Any:
   return jax.tree.map(reduce, tree)
 
 
+# Leaves with at most this many elements travel packed into one vector (``packed_psum``).
+PACK_MAX_SIZE = 4096
+
+
+def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any:
+  """``lax.psum(tree, axis_name)``, with the small leaves (at most ``max_size``
+  elements) raveled into one vector per dtype, summed as one operand, and split again.
+
+  The sums are elementwise the same as ``psum``'s, bit for bit: packing changes which
+  operand an element travels in, not what is added to it. It changes how many operands
+  the all-reduce has. XLA:CPU meets the replicas once per operand, so a step's scalars
+  (loss, weight, metrics) and BN statistics, each its own operand, cost a rendezvous
+  each (``BENCHMARKS.md``, sixth pass); on GPU and TPU, XLA's all-reduce combiner merges
+  small operands itself and the packing costs a copy of a few kB. Large leaves are left
+  as they are: concatenating them would copy them.
+
+  Args:
+    tree: a pytree of arrays, this replica's values.
+    axis_name: the named axis or axes to sum over.
+    max_size: the largest leaf (in elements) that is packed.
+
+  Returns:
+    The tree of sums over ``axis_name``, identical on every replica.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  small = {}  # dtype -> indices of the small leaves of that dtype.
+  for i, x in enumerate(leaves):
+    if x.size <= max_size:
+      small.setdefault(jnp.dtype(x.dtype), []).append(i)
+  packed = [jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) for idx in small.values()]
+  big = [i for i, x in enumerate(leaves) if x.size > max_size]
+  summed_packed, summed_big = jax.lax.psum((packed, [leaves[i] for i in big]), axis_name)
+  out = list(leaves)
+  for i, x in zip(big, summed_big):
+    out[i] = x
+  for idx, vec in zip(small.values(), summed_packed):
+    offset = 0
+    for i in idx:
+      n = leaves[i].size
+      out[i] = vec[offset:offset + n].reshape(leaves[i].shape)
+      offset += n
+  return jax.tree.unflatten(treedef, out)
+
+
+def packed_pmean(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any:
+  """``lax.pmean`` as ``packed_psum`` divided by the axis size."""
+  n = jax.lax.axis_size(axis_name)
+  return jax.tree.map(lambda x: x / n, packed_psum(tree, axis_name, max_size))
+
+
 def global_sq_norm(tree: Any) -> jax.Array:
   """The squared l2 norm of all leaves together, accumulated in float32 (0 for none)."""
   return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),

@@ -18,7 +18,7 @@ from effjax import fsdp as fsdp_lib
 from effjax import stats as stats_lib
 from effjax.optim.factory import is_lr_injected, set_learning_rate
 from effjax.optim.transforms import trust_ratio_stats
-from effjax.parallel import DATA_AXIS, batch_axes
+from effjax.parallel import DATA_AXIS, batch_axes, packed_pmean, packed_psum
 from effjax import tasks as task_lib
 from effjax.tasks import CLASSIFICATION, Task
 from effjax.tasks.classification import cross_entropy  # Re-exported (effjax.cross_entropy).
@@ -306,14 +306,14 @@ def _pmean(sums: _Sums, batch_stats, dims: tuple):
   by the replica count, so they equal the replicated parameters' mean."""
   axes = batch_axes()
   if not dims:
-    return jax.lax.pmean((sums, batch_stats), axes)
+    return packed_pmean((sums, batch_stats), axes)
   leaves, treedef = jax.tree.flatten(sums.grads)
   split = [x for x, d in zip(leaves, dims) if d != fsdp_lib.REPLICATED]
   rest = [x for x, d in zip(leaves, dims) if d == fsdp_lib.REPLICATED]
   n = jax.lax.axis_size(axes)
   split = iter([x / n for x in jax.lax.psum(split, DATA_AXIS)])
-  rest, others, batch_stats = jax.lax.pmean((rest, sums._replace(grads=None), batch_stats),
-                                            axes)
+  rest, others, batch_stats = packed_pmean((rest, sums._replace(grads=None), batch_stats),
+                                           axes)
   rest = iter(rest)
   grads = [next(split) if d != fsdp_lib.REPLICATED else next(rest) for d in dims]
   return others._replace(grads=jax.tree.unflatten(treedef, grads)), batch_stats
@@ -324,7 +324,9 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
   the BN statistics and the small-batch norms; returns the global means.
 
   Each collective is a rendezvous of all replicas, so separate ones cost measurably more
-  than one (CPU: ~7% of the mnist1d CNN step on 8 devices; see BENCHMARKS.md). Sums
+  than one (CPU: ~7% of the mnist1d CNN step on 8 devices; see BENCHMARKS.md). XLA:CPU
+  also meets once per operand of an all-reduce, so the small leaves (scalars, BN
+  statistics, biases) travel packed into one vector (``parallel.packed_pmean``). Sums
   divided by the summed weight give the mean over the global batch, also when replicas
   hold different numbers of real tokens."""
   if not reduced:
@@ -525,7 +527,7 @@ def eval_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION):
 
   ``batch['mask']`` is 0 on padding rows, which therefore count nowhere.
   """
-  return jax.lax.psum(task.eval_sums(state.apply_fn, state.variables(), batch), batch_axes())
+  return packed_psum(task.eval_sums(state.apply_fn, state.variables(), batch), batch_axes())
 
 
 def eval_rows_step(state: TrainState, batch: dict, task: Task):

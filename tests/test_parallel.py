@@ -1,6 +1,7 @@
 """shard_map == pmap, data parallelism == one device on the global batch, padded eval."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +246,48 @@ def test_replication_flags_find_one_differing_element_in_any_dtype():
   zeros = jnp.zeros((3, 5))
   assert flags_with(("f32", lambda x: x.at[0, 0].set(0.0)), f32=zeros)["f32"]
   assert not flags_with(("f32", lambda x: x.at[0, 0].set(-0.0)), f32=zeros)["f32"]
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_packed_psum_is_psum_bit_for_bit_with_one_operand_for_the_small_leaves(mode):
+  """``packed_psum`` over 8 replicas of a tree of scalars, small arrays of three dtypes
+  and one leaf above ``max_size``: every leaf equals ``lax.psum``'s bit for bit and the
+  numpy sum over the replicas, not this replica's own values (the wrong variant); the
+  compiled all-reduce carries one operand per dtype of small leaves plus the large one,
+  where ``psum`` carries one per leaf."""
+  rng = np.random.RandomState(0)
+  local = {"loss": rng.randn(8).astype(np.float32),
+           "stats": {"mean": rng.randn(8, 3, 4).astype(np.float32),
+                     "var": rng.rand(8, 5).astype(np.float32)},
+           "count": rng.randint(0, 9, (8, 2)).astype(np.int32),
+           "half": rng.randn(8, 6).astype(jnp.bfloat16),
+           "big": rng.randn(8, 40, 3).astype(np.float32)}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+  def compiled(reduce):
+    def per_replica(tree):
+      tree = jax.tree.map(lambda x: x[0], tree)
+      return jax.tree.map(lambda x: x[None], reduce(tree))
+    if mode == "pmap":
+      f = jax.pmap(lambda t: reduce(t), axis_name="data")
+      return f, f.lower(local).compile().as_text()
+    f = jax.jit(jax.shard_map(per_replica, mesh=mesh, in_specs=P("data"),
+                              out_specs=P("data"), check_vma=False))
+    return f, f.lower(local).compile().as_text()
+
+  packed, packed_hlo = compiled(lambda t: effjax.parallel.packed_psum(t, "data", max_size=64))
+  plain, plain_hlo = compiled(lambda t: jax.lax.psum(t, "data"))
+  got, want = packed(local), plain(local)
+  for k, (g, w, x) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                                    jax.tree.leaves(local))):
+    tol = 2e-2 if x.dtype == jnp.bfloat16 else 1e-5
+    g, w, x = (np.asarray(v, np.float64 if v.dtype != np.int32 else np.int64)
+               for v in (g, w, x))
+    np.testing.assert_array_equal(g, w, err_msg=str(k))
+    np.testing.assert_allclose(g[0], x.sum(0), rtol=tol, atol=tol)
+    assert all(np.array_equal(g[0], g[i]) for i in range(8))
+    assert not np.allclose(g[0], x[0])
+  operands = lambda hlo: sum(
+      c.count("%") for c in re.findall(r" all-reduce(?:-start)?\((.*?)\), ", hlo))
+  assert operands(plain_hlo) == 6
+  assert operands(packed_hlo) == 4  # float32, int32, bfloat16 vectors, and "big".
