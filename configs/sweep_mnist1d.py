@@ -67,6 +67,7 @@ def get_config(size: str = "full"):
     c.sweep.batch_sizes = (8, 16, 32, 64, 128)
     c.sweep.lr_multipliers = (0.5,)  # The best of (0.5, 1) at 32..128; one LR keeps it short.
     c.sweep.noise_min_batch = 32
+    c.curves = False  # The notebook reads sweep.json; a curves.png per run costs ~1.7 s.
   elif size != "full":
     raise ValueError(f"size={size!r} is not one of ('full', 'tiny')")
   return derive(c)
