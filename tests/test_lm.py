@@ -145,23 +145,26 @@ def test_lm_step_equals_under_shard_map_pmap_and_one_device():
 def test_scanned_layers_equal_unrolled_and_lamb_takes_one_ratio_per_layer(lm_params):
   model, v = lm_params
   scanned = _model(scan_layers=True)
+  # Jitted, not op by op: each eager op compiles on its own (hundreds of compiles).
+  update = lambda tx, g, p: jax.jit(tx.update)(g, jax.jit(tx.init)(p), p)
   stacked = models.stack_layers(v["params"], 2)
   assert jax.tree.structure(stacked) == jax.tree.structure(
       scanned.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"])
   x = jnp.asarray(np.random.default_rng(0).integers(2, 200, (2, SEQ)), jnp.int32)
-  np.testing.assert_allclose(scanned.apply({"params": stacked}, x), model.apply(v, x),
-                             rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2) * 1e-4)(v["params"])
+  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, x),
+                             jax.jit(model.apply)(v, x), rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2) * 1e-4))(
+      v["params"])
   for name in ("lamb", "lars"):
     build = {"lamb": functools.partial(optim.lamb, 1e-2, weight_decay=0.01),
              "lars": functools.partial(optim.lars, 0.1, weight_decay=1e-4)}[name]
     ref_tx, tx = build(), build(stacked=optim.stacked_mask)
-    u_ref, _ = ref_tx.update(grads, ref_tx.init(v["params"]), v["params"])
-    u, st = tx.update(models.stack_layers(grads, 2), tx.init(stacked), stacked)
+    u_ref, _ = update(ref_tx, grads, v["params"])
+    u, st = update(tx, models.stack_layers(grads, 2), stacked)
     assert_trees_close(models.unstack_layers(u, 2), u_ref, name, rtol=1e-5, atol=1e-8)
     assert max(np.size(r) for r in optim.trust_ratios(st)) == 2  # One per layer.
     # One ratio over the whole stack (no stacked axis) is a different update.
-    u_whole, _ = ref_tx.update(models.stack_layers(grads, 2), ref_tx.init(stacked), stacked)
+    u_whole, _ = update(ref_tx, models.stack_layers(grads, 2), stacked)
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), u_whole[models.STACKED_NAME],
                         u[models.STACKED_NAME])
     assert max(jax.tree.leaves(diff)) > 1e-6, name
@@ -171,11 +174,11 @@ def test_scanned_layers_equal_unrolled_and_lamb_takes_one_ratio_per_layer(lm_par
                                  "model.num_layers": 2,
                                  "schedule.warmup_epochs": 0.0, "schedule.decay": "constant"})
   tx, _ = optim.create_optimizer(config, 10)
-  u_cfg, st = tx.update(models.stack_layers(grads, 2), tx.init(stacked), stacked)
+  u_cfg, st = update(tx, models.stack_layers(grads, 2), stacked)
   ref_tx = optim.lamb(config.optimizer.learning_rate, weight_decay=0.1,
                       stacked=optim.stacked_mask)
-  assert_trees_close(u_cfg, ref_tx.update(models.stack_layers(grads, 2), ref_tx.init(stacked),
-                                          stacked)[0], "config", rtol=1e-6)
+  assert_trees_close(u_cfg, update(ref_tx, models.stack_layers(grads, 2), stacked)[0],
+                     "config", rtol=1e-6)
   masks = optim.default_mask(stacked, optim.stacked_mask)
   assert not masks[models.STACKED_NAME]["norm1"]["scale"]
   assert masks[models.STACKED_NAME]["mlp_in"]["kernel"] and not masks["position"]

@@ -19,20 +19,29 @@ from tests.helpers import assert_trees_close
 def _resnet_tree():
   """A ResNet-20 parameter tree: conv kernels, BN scales/biases, a dense head."""
   model = models.resnet20(10, norm="batch")
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)["params"]
-  # Give zero-initialised leaves (BN scale of the last norm, the head) non-zero values,
-  # so that every trust ratio is exercised.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  return jax.tree.unflatten(treedef, leaves)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                             train=False))["params"]
+  # Values drawn in numpy (the model's own init compiles a program per shape): kernels at
+  # LeCun scale, BN scales near 1, biases small but non-zero, so that every trust ratio
+  # is exercised and the ratios differ from layer to layer.
+  rng = np.random.default_rng(1)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      x = rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+    else:
+      x = (name == "scale") + 0.05 * rng.standard_normal(s.shape)
+    return jnp.asarray(x, jnp.float32)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _grads(params, step):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.fold_in(jax.random.key(2), step), len(leaves))
-  return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape)
-                                      for x, k in zip(leaves, keys)])
+  """Random float32 gradients for ``step``, drawn in numpy (an eager ``jax.random`` draw
+  per leaf compiled one program per shape and dispatched 65 per step)."""
+  rng = np.random.default_rng([2, step])
+  return jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(np.float32),
+                      params)
 
 
 def _run(tx, params, steps):
