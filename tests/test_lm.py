@@ -148,8 +148,8 @@ def test_scanned_layers_equal_unrolled_and_lamb_takes_one_ratio_per_layer(lm_par
   # Jitted, not op by op: each eager op compiles on its own (hundreds of compiles).
   update = lambda tx, g, p: jax.jit(tx.update)(g, jax.jit(tx.init)(p), p)
   stacked = models.stack_layers(v["params"], 2)
-  assert jax.tree.structure(stacked) == jax.tree.structure(
-      scanned.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"])
+  assert jax.tree.structure(stacked) == jax.tree.structure(jax.eval_shape(
+      lambda: scanned.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32)))["params"])
   x = jnp.asarray(np.random.default_rng(0).integers(2, 200, (2, SEQ)), jnp.int32)
   np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, x),
                              jax.jit(model.apply)(v, x), rtol=1e-5, atol=1e-5)
