@@ -125,18 +125,19 @@ def test_sync_bn_microbatches_and_noise_scale_equal_one_device(data_dir):
   batch = batches[0]
   rows = np.arange(128).reshape(8, 2, 8)  # replica, microbatch, row
   stats_, grads = state.batch_stats, []
+
+  def loss_fn(p, bs, mb):
+    logits, new = ref_model.apply({"params": p, "batch_stats": bs}, mb["input"], train=True,
+                                  mutable=["batch_stats"])
+    return steps.cross_entropy(logits, mb["label"]).mean(), new["batch_stats"]
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # Jitted: not op by op.
   for j in range(2):
     mb = jax.tree.map(lambda x, j=j: x[rows[:, j].reshape(-1)], batch)
-
-    def loss_fn(p, bs=stats_, mb=mb):
-      logits, new = ref_model.apply({"params": p, "batch_stats": bs}, mb["input"], train=True,
-                                    mutable=["batch_stats"])
-      return steps.cross_entropy(logits, mb["label"]).mean(), new["batch_stats"]
-    (_, stats_), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, stats_), g = grad_fn(state.params, stats_, mb)
     grads.append(g)
   g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
   tx, _ = effjax.optim.create_optimizer(config, config.num_train_steps)
-  upd, _ = tx.update(g, tx.init(state.params), state.params)
+  upd, _ = jax.jit(tx.update)(g, jax.jit(tx.init)(state.params), state.params)
   params = optax.apply_updates(state.params, upd)
   assert_trees_close(got["params"], params, rtol=1e-4, atol=1e-5)
   assert_trees_close(got["batch_stats"], stats_, rtol=1e-4, atol=1e-5)
