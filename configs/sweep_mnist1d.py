@@ -16,9 +16,12 @@ per batch, then flatten; the fitted B_crit and the measured B_simple are of the 
 order of magnitude (docs/results.md has the numbers).
 
 Size argument: ``:tiny`` (the canonical 4000/1000 split, batch sizes 8 to 128 at one LR,
-0.5 x the rule, target 80%, at most 8 epochs; 35 s on 2 cores. All 5 batch sizes reach
-the target: B_crit 36 with rmse 0.168 in log steps, B_simple 39 (measured 2026-11-23;
-46, 0.149 and 47 when first recorded, in commit baa667c). It is what
+0.5 x the rule, target 80%, at most 8 epochs; 28 s on 2 cores. All 5 batch sizes reach
+the target: B_crit 51 with rmse 0.134 in log steps, B_simple 47 (measured 2026-11-23 at
+commit 7a6b87f, twice, the same). At a4eddb2, before the step packed its small leaves into
+one all-reduce operand, the same command gave 36, 0.133 and 50: the packing moved the last
+bits of those sums, and so the steps at which 80% is crossed. Earlier records: 36, 0.168
+and 39 (2026-11-23), and 46, 0.149 and 47 in commit baa667c. It is what
 ``notebooks/critical_batch.ipynb`` runs when no sweep is given).
 """
 

@@ -481,8 +481,10 @@ def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any
   """``lax.psum(tree, axis_name)``, with the small leaves (at most ``max_size``
   elements) raveled into one vector per dtype, summed as one operand, and split again.
 
-  The sums are elementwise the same as ``psum``'s, bit for bit: packing changes which
-  operand an element travels in, not what is added to it. It changes how many operands
+  Given the same operands, the sums are elementwise the same as ``psum``'s, bit for bit:
+  packing changes which operand an element travels in, not what is added to it. (In a
+  larger program XLA may fuse the operands' producers differently around the
+  concatenation, which can move their last bits.) It changes how many operands
   the all-reduce has. XLA:CPU meets the replicas once per operand, so a step's scalars
   (loss, weight, metrics) and BN statistics, each its own operand, cost a rendezvous
   each (``BENCHMARKS.md``, sixth pass); on GPU and TPU, XLA's all-reduce combiner merges
