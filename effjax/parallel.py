@@ -500,12 +500,13 @@ def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any
     The tree of sums over ``axis_name``, identical on every replica.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  small = {}  # dtype -> indices of the small leaves of that dtype.
+  small, big = {}, []  # small: dtype -> indices of the small leaves of that dtype.
   for i, x in enumerate(leaves):
     if x.size <= max_size:
       small.setdefault(jnp.dtype(x.dtype), []).append(i)
+    else:
+      big.append(i)
   packed = [jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) for idx in small.values()]
-  big = [i for i, x in enumerate(leaves) if x.size > max_size]
   summed_packed, summed_big = jax.lax.psum((packed, [leaves[i] for i in big]), axis_name)
   out = list(leaves)
   for i, x in zip(big, summed_big):

@@ -269,10 +269,10 @@ def test_packed_psum_is_psum_bit_for_bit_with_one_operand_for_the_small_leaves(m
       tree = jax.tree.map(lambda x: x[0], tree)
       return jax.tree.map(lambda x: x[None], reduce(tree))
     if mode == "pmap":
-      f = jax.pmap(lambda t: reduce(t), axis_name="data")
-      return f, f.lower(local).compile().as_text()
-    f = jax.jit(jax.shard_map(per_replica, mesh=mesh, in_specs=P("data"),
-                              out_specs=P("data"), check_vma=False))
+      f = jax.pmap(reduce, axis_name="data")
+    else:
+      f = jax.jit(jax.shard_map(per_replica, mesh=mesh, in_specs=P("data"),
+                                out_specs=P("data"), check_vma=False))
     return f, f.lower(local).compile().as_text()
 
   packed, packed_hlo = compiled(lambda t: effjax.parallel.packed_psum(t, "data", max_size=64))
