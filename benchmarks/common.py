@@ -42,9 +42,11 @@ def compiled_step(config, runner=None) -> list:
 
 def time_interleaved(runs: dict, steps: int, repeats: int) -> dict:
   """Runs each compiled step ``steps`` times per repeat, the runs interleaved so that
-  machine noise hits them alike; returns the median seconds per step of each."""
-  for _ in range(repeats):
-    for run in runs.values():
+  machine noise hits them alike, and their order rotated from one repeat to the next so
+  that no run always follows the same one; returns the median seconds per step of each."""
+  order = list(runs.values())
+  for r in range(repeats):
+    for run in order[r % len(order):] + order[:r % len(order)]:
       fn, state, batch, times = run
       t = time.perf_counter()
       for _ in range(steps):

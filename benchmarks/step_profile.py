@@ -31,7 +31,11 @@ def main(_):
   from benchmarks import train_step as ts  # pylint: disable=g-import-not-at-top
   from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib, trainer  # pylint: disable=g-import-not-at-top
+  from effjax import distributed  # pylint: disable=g-import-not-at-top
   from effjax.grid import with_overrides  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.pool_host_memory:  # train_step.py's flag.
+    distributed.pool_host_memory()
 
   dataset, batch, steps, overrides = ts.MODELS[FLAGS.model]
   spec = data_lib.get_spec(dataset)

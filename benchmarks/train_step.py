@@ -51,6 +51,9 @@ flags.DEFINE_float("scale", 1.0, "Multiplies every model's steps per repeat.")
 flags.DEFINE_integer("batch_scale", 1, "Multiplies every model's global batch (on a GPU, "
                      "to reach sizes where the step is not bound by the host).")
 flags.DEFINE_string("dtype", "float32", "compute_dtype of (a), (a0), (b).")
+flags.DEFINE_bool("pool_host_memory", True, "Pool the host allocator's large blocks "
+                  "(effjax.distributed.pool_host_memory), as GPU and TPU runtimes pool "
+                  "theirs; off, XLA:CPU faults each step's temporaries in anew.")
 
 # model -> (dataset, global batch, steps per repeat, config overrides)
 MODELS = {
@@ -227,11 +230,12 @@ def main(_):
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
-  from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib, distributed  # pylint: disable=g-import-not-at-top
 
+  pooled = FLAGS.pool_host_memory and distributed.pool_host_memory()
   devices = len(jax.devices())
   print(f"backend={jax.default_backend()} devices={devices} dtype={FLAGS.dtype} "
-        f"repeats={FLAGS.repeats} jax={jax.__version__}")
+        f"repeats={FLAGS.repeats} pooled host memory={pooled} jax={jax.__version__}")
   table = []
   for name in FLAGS.models:
     dataset, batch, steps, overrides = MODELS[name]

@@ -23,6 +23,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from effjax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# XLA:CPU mallocs each execution's temporaries; pooled, they are not faulted in anew.
+distributed.pool_host_memory()
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
