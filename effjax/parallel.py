@@ -526,10 +526,27 @@ def packed_pmean(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> An
   return jax.tree.map(lambda x: x / n, packed_psum(tree, axis_name, max_size))
 
 
-def global_sq_norm(tree: Any) -> jax.Array:
-  """The squared l2 norm of all leaves together, accumulated in float32 (0 for none)."""
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
-             jnp.zeros((), jnp.float32))
+def global_sq_norm(tree: Any, max_size: int = PACK_MAX_SIZE) -> jax.Array:
+  """The squared l2 norm of all leaves together, accumulated in float32 (0 for none).
+
+  The leaves of at most ``max_size`` elements are raveled into one float32 vector and
+  reduced once; larger leaves are reduced one by one. XLA:CPU runs each reduction as a
+  kernel of its own, so a tree of many biases and scales costs one kernel, not one per
+  leaf (the noise scale's small-batch norm in ``steps``, ``clip_by_global_norm``).
+
+  Args:
+    tree: a pytree of arrays.
+    max_size: the largest leaf (in elements) that is packed.
+
+  Returns:
+    A float32 scalar.
+  """
+  leaves = jax.tree.leaves(tree)
+  small = [jnp.ravel(x).astype(jnp.float32) for x in leaves if x.size <= max_size]
+  parts = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves if x.size > max_size]
+  if small:
+    parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
+  return sum(parts, jnp.zeros((), jnp.float32))
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -248,6 +248,24 @@ def test_replication_flags_find_one_differing_element_in_any_dtype():
   assert not flags_with(("f32", lambda x: x.at[0, 0].set(-0.0)), f32=zeros)["f32"]
 
 
+def test_global_sq_norm_is_numpys_with_one_reduction_for_the_small_leaves():
+  """``global_sq_norm`` over float32, bfloat16 and int leaves, small and large, equals
+  numpy's float64 sum of squares; the small leaves are reduced in one ``reduce``, where a
+  reduction per leaf (``optax.tree.norm``) has one per leaf."""
+  rng = np.random.RandomState(0)
+  tree = {"w": rng.randn(70, 3).astype(np.float32), "b": rng.randn(3).astype(np.float32),
+          "scale": rng.randn(2, 5).astype(jnp.bfloat16), "n": np.arange(4, dtype=np.int32),
+          "emb": rng.randn(65).astype(jnp.bfloat16), "s": np.float32(1.5)}
+  want = sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in tree.values())
+  f = jax.jit(functools.partial(effjax.parallel.global_sq_norm, max_size=64))
+  np.testing.assert_allclose(float(f(tree)), want, rtol=1e-6)
+  assert float(f(tree)) != pytest.approx(want - 1.5 ** 2, rel=1e-6)  # Every leaf counts.
+  reductions = lambda fn: fn.lower(tree).as_text().count("stablehlo.reduce")
+  assert reductions(f) == 3  # "w", "emb", and the four small leaves together.
+  assert reductions(jax.jit(optax.tree.norm)) == 6
+  assert float(effjax.parallel.global_sq_norm({})) == 0.0
+
+
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_packed_psum_is_psum_bit_for_bit_with_one_operand_for_the_small_leaves(mode):
   """``packed_psum`` over 8 replicas of a tree of scalars, small arrays of three dtypes
