@@ -30,10 +30,14 @@ byte-level decoder LM on packed 128-token sequences), with the same global batch
   (c)  PyTorch on CPU, same architecture and LARS maths, eager and ``torch.compile``
        (one process; run with ``--devices=1`` to compare like with like).
 
-Every step is jitted once with its state donated and timed in interleaved repeats (medians),
-so machine noise hits all alike. Prints examples/s for each, then each pair's step-time
-ratio on its own line as ``(a)/(b) 1.012`` (time of the first over time of the second),
-then a table.
+Every step is jitted once with its state donated and timed in interleaved repeats (medians,
+the order rotated each repeat), so machine noise hits all alike. Each model is timed in a
+process of its own (``--noisolate``: all in one), with the host allocator pooled
+(``effjax.distributed.pool_host_memory``; ``--nopool_host_memory``: glibc's default,
+under which XLA:CPU faults every step's temporaries in anew, a quarter of the LM's step
+time, as GPU and TPU runtimes, which pool their memory, do not). Prints examples/s for
+each, then each pair's step-time ratio on its own line as ``(a)/(b) 1.012`` (time of the
+first over time of the second), then a table.
 """
 
 import os
@@ -51,6 +55,8 @@ flags.DEFINE_float("scale", 1.0, "Multiplies every model's steps per repeat.")
 flags.DEFINE_integer("batch_scale", 1, "Multiplies every model's global batch (on a GPU, "
                      "to reach sizes where the step is not bound by the host).")
 flags.DEFINE_string("dtype", "float32", "compute_dtype of (a), (a0), (b).")
+flags.DEFINE_bool("isolate", True, "Time each model in a process of its own.")
+flags.DEFINE_string("json_out", "", "Also write the table's rows here (JSON).")
 flags.DEFINE_bool("pool_host_memory", True, "Pool the host allocator's large blocks "
                   "(effjax.distributed.pool_host_memory), as GPU and TPU runtimes pool "
                   "theirs; off, XLA:CPU faults each step's temporaries in anew.")
@@ -226,68 +232,102 @@ def _time_torch(model_name, spec, batch, steps, repeats, results):
   return sum(p.numel() for p in torch_models.create(model_name, spec.num_classes).parameters())
 
 
-def main(_):
-  logging.set_verbosity(logging.WARNING)
-  import jax  # pylint: disable=g-import-not-at-top
+def _time_model(name: str, devices: int):
+  """Compiles and times (a), (a0), (b), (b_sync), (b') [and (c)] for one model; prints
+  its lines and returns its row of the table."""
   from benchmarks.common import compiled_step, time_interleaved  # pylint: disable=g-import-not-at-top
-  from effjax import data as data_lib, distributed  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib, trainer  # pylint: disable=g-import-not-at-top
+  dataset, batch, steps, overrides = MODELS[name]
+  steps = max(1, int(steps * FLAGS.scale))
+  batch = max(batch * FLAGS.batch_scale, devices) // devices * devices
+  spec = data_lib.get_spec(dataset)
+  full = _config(name, dataset, batch, overrides, True, FLAGS.dtype)
+  lean = _config(name, dataset, batch, overrides, False, FLAGS.dtype)
+  if devices == 1:  # The noise scale needs two batch sizes: >1 device or accumulation.
+    full.noise_scale.enabled = False
+  runs = {"a": compiled_step(full), "a0": compiled_step(lean)}
+  runner = trainer.Runner(full.parallel)
+  minimal = _minimal_lm_step if name == "lm" else _minimal_flax_step
+  runs["b"], n_params = minimal(lean, runner, spec)
+  has_bn = name != "lm" and lean.model.norm == "batch"
+  if has_bn:
+    runs["b_sync"], _ = _minimal_flax_step(lean, runner, spec, sync=True)
+  # The same minimal step again: (b)/(b') is the timing noise of this machine.
+  runs["b'"], _ = minimal(lean, runner, spec)
+  times = time_interleaved(runs, steps, FLAGS.repeats)
+  if not has_bn:
+    times["b_sync"] = times["b"]  # No BN: (b) is already the maths of (a).
+  n_torch = None
+  if FLAGS.torch and name != "lm":  # No PyTorch twin of the LM.
+    n_torch = _time_torch(name, spec, batch, steps, FLAGS.repeats, times)
+  print(f"\n{name}: global batch {batch}, {n_params:,} parameters"
+        + (f" (PyTorch: {n_torch:,})" if n_torch else "")
+        + f", {steps} steps x {FLAGS.repeats} repeats"
+        + ("" if full.noise_scale.enabled else
+           "; noise scale off (" + ("1 device" if devices == 1 else
+                                    "sync BN would need microbatches") + ")"))
+  for k, t in times.items():
+    print(f"  {k:10s} {batch / t:12.1f} examples/s  {t * 1e3:9.2f} ms/step")
+  pairs = [("a", "b_sync"), ("a0", "b"), ("a", "b"), ("a", "a0"), ("b", "b'")]
+  if FLAGS.torch and name != "lm":
+    pairs += [("a", "c_eager"), ("a", "c_compile"), ("b", "c_compile")]
+  ratios = {}
+  for p, q in pairs:
+    ratios[f"({p})/({q})"] = times[p] / times[q]
+    print(f"({p})/({q}) {ratios[f'({p})/({q})']:.3f}")
+  for pair in ("(a)/(b_sync)", "(a0)/(b)"):
+    verdict = "ok" if ratios[pair] <= TARGET else f"ABOVE the {TARGET} target"
+    print(f"  {pair} target <= {TARGET}: {verdict}", flush=True)
+  return name, batch, times, ratios
 
-  pooled = FLAGS.pool_host_memory and distributed.pool_host_memory()
-  devices = len(jax.devices())
-  print(f"backend={jax.default_backend()} devices={devices} dtype={FLAGS.dtype} "
-        f"repeats={FLAGS.repeats} pooled host memory={pooled} jax={jax.__version__}")
-  table = []
-  for name in FLAGS.models:
-    dataset, batch, steps, overrides = MODELS[name]
-    steps = max(1, int(steps * FLAGS.scale))
-    batch = max(batch * FLAGS.batch_scale, devices) // devices * devices
-    spec = data_lib.get_spec(dataset)
-    full = _config(name, dataset, batch, overrides, True, FLAGS.dtype)
-    lean = _config(name, dataset, batch, overrides, False, FLAGS.dtype)
-    if devices == 1:  # The noise scale needs two batch sizes: >1 device or accumulation.
-      full.noise_scale.enabled = False
-    runs = {"a": compiled_step(full), "a0": compiled_step(lean)}
-    from effjax import trainer  # pylint: disable=g-import-not-at-top
-    runner = trainer.Runner(full.parallel)
-    minimal = _minimal_lm_step if name == "lm" else _minimal_flax_step
-    runs["b"], n_params = minimal(lean, runner, spec)
-    has_bn = name != "lm" and lean.model.norm == "batch"
-    if has_bn:
-      runs["b_sync"], _ = _minimal_flax_step(lean, runner, spec, sync=True)
-    # The same minimal step again: (b)/(b') is the timing noise of this machine.
-    runs["b'"], _ = minimal(lean, runner, spec)
-    times = time_interleaved(runs, steps, FLAGS.repeats)
-    if not has_bn:
-      times["b_sync"] = times["b"]  # No BN: (b) is already the maths of (a).
-    n_torch = None
-    if FLAGS.torch and name != "lm":  # No PyTorch twin of the LM.
-      n_torch = _time_torch(name, spec, batch, steps, FLAGS.repeats, times)
-    print(f"\n{name}: global batch {batch}, {n_params:,} parameters"
-          + (f" (PyTorch: {n_torch:,})" if n_torch else "")
-          + f", {steps} steps x {FLAGS.repeats} repeats"
-          + ("" if full.noise_scale.enabled else
-             "; noise scale off (" + ("1 device" if devices == 1 else
-                                      "sync BN would need microbatches") + ")"))
-    for k, t in times.items():
-      print(f"  {k:10s} {batch / t:12.1f} examples/s  {t * 1e3:9.2f} ms/step")
-    pairs = [("a", "b_sync"), ("a0", "b"), ("a", "b"), ("a", "a0"), ("b", "b'")]
-    if FLAGS.torch and name != "lm":
-      pairs += [("a", "c_eager"), ("a", "c_compile"), ("b", "c_compile")]
-    ratios = {}
-    for p, q in pairs:
-      ratios[(p, q)] = times[p] / times[q]
-      print(f"({p})/({q}) {ratios[(p, q)]:.3f}")
-    for pair in (("a", "b_sync"), ("a0", "b")):
-      verdict = "ok" if ratios[pair] <= TARGET else f"ABOVE the {TARGET} target"
-      print(f"  ({pair[0]})/({pair[1]}) target <= {TARGET}: {verdict}")
-    table.append((name, batch, times, ratios))
 
+def _print_table(table):
   print("\n| model | batch | " + " | ".join(f"{k} ex/s" for k in table[0][2]) + " | " +
-        " | ".join(f"({p})/({q})" for p, q in table[0][3]) + " |")
+        " | ".join(table[0][3]) + " |")
   print("|---|---|" + "---|" * (len(table[0][2]) + len(table[0][3])))
   for name, batch, times, ratios in table:
     print(f"| {name} | {batch} | " + " | ".join(f"{batch / times[k]:.0f}" for k in table[0][2])
           + " | " + " | ".join(f"{r:.3f}" for r in ratios.values()) + " |")
+
+
+def _each_in_its_own_process():
+  """Runs this script once per model, each in a fresh process (``--noisolate``), and
+  collects their rows: one model's allocations and threads do not shape the next one's
+  timings, as in a user's run of one model."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  passed = [a for a in sys.argv[1:] if not a.startswith(("--models", "--isolate",
+                                                         "--noisolate", "--json_out"))]
+  table = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in FLAGS.models:
+      out = os.path.join(tmp, f"{name}.json")
+      subprocess.run([sys.executable, os.path.abspath(__file__), *passed, f"--models={name}",
+                      "--noisolate", f"--json_out={out}"], check=True)
+      with open(out) as f:
+        table += [tuple(row) for row in json.load(f)]
+  return table
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.isolate and len(FLAGS.models) > 1:
+    _print_table(_each_in_its_own_process())
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from effjax import distributed  # pylint: disable=g-import-not-at-top
+  pooled = FLAGS.pool_host_memory and distributed.pool_host_memory()
+  devices = len(jax.devices())
+  print(f"backend={jax.default_backend()} devices={devices} dtype={FLAGS.dtype} "
+        f"repeats={FLAGS.repeats} pooled host memory={pooled} jax={jax.__version__}")
+  table = [_time_model(name, devices) for name in FLAGS.models]
+  if FLAGS.json_out:  # A child of _each_in_its_own_process: the parent prints the table.
+    import json  # pylint: disable=g-import-not-at-top
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(table, f)
+    return
+  _print_table(table)
 
 
 if __name__ == "__main__":

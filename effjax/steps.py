@@ -188,9 +188,9 @@ def _micro_sums(task, state, params, stats, mb, rng, small_batch):
   if small_batch == "microbatch":
     s, _ = _pmean(s, {}, state.fsdp_dims)
   if small_batch:
-    inv_w = 1.0 / s.weight  # A product, not a quotient per element: XLA keeps it fused.
-    s = s._replace(small_sq=fsdp_lib.sq_norm(jax.tree.map(lambda x: x * inv_w, s.grads),
-                                             state.fsdp_dims))
+    # |g / w|^2 as |g|^2 / w^2: the reductions read the gradient sums as they are, with no
+    # scaled copy for XLA to store before them.
+    s = s._replace(small_sq=fsdp_lib.sq_norm(s.grads, state.fsdp_dims) / jnp.square(s.weight))
   return s, out.model_state.get("batch_stats", {})
 
 
