@@ -65,10 +65,11 @@ def pool_host_memory(threshold_bytes: int = 1 << 30) -> bool:
   XLA:CPU allocates each execution's temporary buffer (and its outputs) with ``malloc``.
   glibc serves a block above its mmap threshold (128 KiB, rising to at most 32 MiB) with
   a fresh ``mmap`` and unmaps it on ``free``, so every step faults its whole temporary
-  buffer in again, page by page. The LM step of ``benchmarks/train_step.py`` (39 MB of
-  temporaries per device) took 77k page faults and 130 ms of kernel time per 260 ms
-  step on 8 simulated devices; pooled, about none, and 195 ms (BENCHMARKS.md). GPU and
-  TPU runtimes pool device memory already; this does the same for the host.
+  buffer in again, page by page. The hand-written LM step of ``benchmarks/train_step.py``
+  (39 MB of temporaries per device) took 77k page faults and 130 ms of kernel time per
+  260 ms step on 8 simulated devices; pooled, about 1k and 16 ms, in 184-198 ms steps
+  (BENCHMARKS.md, seventh pass). GPU and TPU runtimes pool device memory already; this
+  does the same for the host.
 
   Call once, before JAX starts its threads, in a process that runs JAX on CPU (the
   trainer's main, the tests, the benchmarks). It sets the mmap and trim thresholds to

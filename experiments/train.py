@@ -101,7 +101,7 @@ def main(argv):
     effjax.distributed.maybe_initialize(config.distributed)
     import jax  # pylint: disable=g-import-not-at-top
     if jax.default_backend() == "cpu":
-      effjax.distributed.pool_host_memory()  # ~25% of a CPU step is page faults otherwise.
+      effjax.distributed.pool_host_memory()  # Else each step faults its temporaries in anew.
     effjax.train_and_evaluate(config, FLAGS.workdir)
   except (effjax.ConfigError, data_lib.DatasetError) as e:
     fail(str(e))
