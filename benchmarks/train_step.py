@@ -273,8 +273,9 @@ def _time_model(name: str, devices: int):
     pairs += [("a", "c_eager"), ("a", "c_compile"), ("b", "c_compile")]
   ratios = {}
   for p, q in pairs:
-    ratios[f"({p})/({q})"] = times[p] / times[q]
-    print(f"({p})/({q}) {ratios[f'({p})/({q})']:.3f}")
+    key = f"({p})/({q})"
+    ratios[key] = times[p] / times[q]
+    print(f"{key} {ratios[key]:.3f}")
   for pair in ("(a)/(b_sync)", "(a0)/(b)"):
     verdict = "ok" if ratios[pair] <= TARGET else f"ABOVE the {TARGET} target"
     print(f"  {pair} target <= {TARGET}: {verdict}", flush=True)

@@ -71,8 +71,8 @@ def pool_host_memory(threshold_bytes: int = 1 << 30) -> bool:
   (BENCHMARKS.md, seventh pass). GPU and TPU runtimes pool device memory already; this
   does the same for the host.
 
-  Call once, before JAX starts its threads, in a process that runs JAX on CPU (the
-  trainer's main, the tests, the benchmarks). It sets the mmap and trim thresholds to
+  Call once, early, in a process that runs JAX on CPU (the trainer's main, the tests,
+  the benchmarks); blocks already allocated keep their way. It sets the mmap and trim thresholds to
   ``threshold_bytes``: blocks below it come from the heap and are reused, and the heap
   is only trimmed when that much lies free at its top. It also pads each heap's growth by
   64 MiB: glibc gives threads other than the main one heaps of at most 64 MiB, and

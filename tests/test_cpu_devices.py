@@ -53,7 +53,6 @@ def test_all_reduce_survives_cpu_contention():
   assert proc.stdout.startswith("ok"), (proc.stdout, time.time() - t)
 
 
-
 _FAULTS = """
 import resource, sys, jax, jax.numpy as jnp, numpy as np
 from effjax import distributed
