@@ -49,26 +49,29 @@ def test_task_interface_keeps_classification_numbers(data_dir, tmp_path, variant
   Step 1 is bitwise the same computation. Later steps are the same mathematics with
   sums divided by the global weight instead of per-replica means: float rounding,
   which LARS at LR 3.4 amplifies, so the default variant's later steps get a looser
-  tolerance (the sync variant stays within 1e-5)."""
+  tolerance. The sync variant stays within 1e-5 to step 7; by step 14 the rounding of
+  the CPU's own kernels moves it as much: the recording's code (44acc1e), rerun on an
+  AVX-512 CPU (AMD EPYC, Zen 4), gives step 14 and the final eval loss 1.2e-3 and
+  1.4e-5 away from the numbers it recorded on another CPU, and 9e-4 from this code's."""
   with open(RECORDED) as f:
     recorded = json.load(f)[variant]
   summary = trainer.train_and_evaluate(_default_config(data_dir, **VARIANTS[variant]),
                                        str(tmp_path), verbose=False)
   with open(tmp_path / "metrics.jsonl") as f:
     rows = {r["step"]: r for r in map(json.loads, f)}
-  loose = variant == "default"
+  tight_steps = ("1",) if variant == "default" else ("1", "7")
   for step, expected in recorded["rows"].items():
     for key, value in expected.items():
-      rtol = 2e-2 if loose and step != "1" else 1e-5
+      rtol = 1e-5 if step in tight_steps else 2e-2
       np.testing.assert_allclose(rows[int(step)][key], value, rtol=rtol, atol=1e-7,
                                  err_msg=f"{variant} step {step} {key}")
   for key, value in recorded["summary"].items():
     if key.endswith("/count"):
       assert summary[key] == value
-    elif key.endswith("/accuracy"):  # Within 5 examples of 1000, or the same count.
-      assert abs(summary[key] - value) <= (0.005 if loose else 1e-6), key
+    elif key.endswith("/accuracy"):  # Within 5 examples of 1000.
+      assert abs(summary[key] - value) <= 0.005, key
     else:
-      np.testing.assert_allclose(summary[key], value, rtol=1e-3 if loose else 1e-5, err_msg=key)
+      np.testing.assert_allclose(summary[key], value, rtol=1e-3, err_msg=key)
 
 
 def _readme_snippet(name: str) -> str:
