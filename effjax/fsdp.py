@@ -131,8 +131,11 @@ def _part_dot(xs: list, ys: list, index: jax.Array, parts: int) -> jax.Array:
       small_x.append(x.astype(jnp.float32))
       small_y.append(y.astype(jnp.float32))
       continue
-    part = lambda v: jax.lax.dynamic_slice_in_dim(v[:q * parts], index * q, q)  # pylint: disable=cell-var-from-loop
-    total += _dot(part(x), part(y))
+    # The slice of the product, not the product of the slices: a slice of ``x`` shared
+    # by two pairs (<w, w> and <w, u>) would be stored by XLA (CPU) for its two readers,
+    # and held from the first (early: w is an input) to the second (after the update).
+    prod = x.astype(jnp.float32) * y.astype(jnp.float32)
+    total += jnp.sum(jax.lax.dynamic_slice_in_dim(prod[:q * parts], index * q, q))
     if x.size > q * parts:
       total += jnp.where(index == 0, _dot(x[q * parts:], y[q * parts:]), 0.0)
   if small_x:
