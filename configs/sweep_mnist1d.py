@@ -21,7 +21,8 @@ the target: B_crit 51 with rmse 0.134 in log steps, B_simple 47 (measured 2026-1
 commit 7a6b87f, twice, the same). At a4eddb2, before the step packed its small leaves into
 one all-reduce operand, the same command gave 36, 0.133 and 50: the packing moved the last
 bits of those sums, and so the steps at which 80% is crossed. Earlier records: 36, 0.168
-and 39 (2026-11-23), and 46, 0.149 and 47 in commit baa667c. It is what
+and 39 (2026-11-23), and 46, 0.149 and 47 in commit baa667c. On an AVX-512 CPU (AMD EPYC,
+Zen 4) at 04a9680: 51, 0.163 and 51, in 50 s (2026-11-24). It is what
 ``notebooks/critical_batch.ipynb`` runs when no sweep is given).
 """
 
