@@ -177,7 +177,7 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
 
     def sq_norms(u, w, s, decay):
       if decay:
-        # ``wd`` through a barrier with this leaf's arrays: as a bare constant, XLA (CPU)
+        # ``wd`` through a barrier with this leaf's update: as a bare constant, XLA (CPU)
         # shares its broadcast between all leaves of one shape and stores it, a full
         # extra array that every such norm reads.
         u, wd = jax.lax.optimization_barrier((u, jnp.asarray(weight_decay, w.dtype)))
