@@ -137,7 +137,7 @@ def _part_dot(xs: list, ys: list, index: jax.Array, parts: int) -> jax.Array:
     prod = x.astype(jnp.float32) * y.astype(jnp.float32)
     total += jnp.sum(jax.lax.dynamic_slice_in_dim(prod[:q * parts], index * q, q))
     if x.size > q * parts:
-      total += jnp.where(index == 0, _dot(x[q * parts:], y[q * parts:]), 0.0)
+      total += jnp.where(index == 0, jnp.sum(prod[q * parts:]), 0.0)
   if small_x:
     size = sum(x.size for x in small_x)
     q = -(-size // parts)
