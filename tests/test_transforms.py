@@ -131,11 +131,13 @@ def _unflat(flat):
   return jax.tree.unflatten(_TREEDEF, [jnp.asarray(v, jnp.float32) for v in flat.values()])
 
 
-def test_lars_update_stores_no_parameter_sized_temporary():
-  """Jitted and donated, LARS's update of three same-shape weights needs less temporary
-  memory than one of them: XLA neither stores a broadcast of the weight decay shared by
-  the three norms (it did while ``wd`` was a bare constant: one more array for each norm
-  to read) nor any other parameter-sized array."""
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_update_stores_no_parameter_sized_temporary(name):
+  """Jitted and donated, the LARS or LAMB update of three same-shape weights needs less
+  temporary memory than one of them. LARS: XLA neither stores a broadcast of the weight
+  decay shared by the three norms (it did while ``wd`` was a bare constant: one more
+  array for each norm to read) nor the decayed gradient. LAMB: the Adam direction, read
+  by the norm and by the scaled update, is recomputed by each rather than stored."""
   shape = (64, 64, 16)  # 256 KiB per array.
   keys = jax.random.split(jax.random.key(0), 6)
   params = {f"w{i}": jax.random.normal(keys[i], shape) for i in range(3)}
@@ -150,11 +152,21 @@ def test_lars_update_stores_no_parameter_sized_temporary():
     compiled = jax.jit(step, donate_argnums=0).lower((params, tx.init(params)), grads).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(optim.lars(0.1, weight_decay=1e-4, weight_decay_mask=True,
-                               trust_ratio_mask=True)) < nbytes
-  # The bound is not vacuous: a chain that must store a parameter-sized array (the
-  # decayed gradient, read by optax's trust-ratio norm and by its scaling) exceeds it.
-  assert temp_bytes(optax.lars(0.1, weight_decay=1e-4)) >= nbytes
+  if name == "lars":
+    ours = optim.lars(0.1, weight_decay=1e-4, weight_decay_mask=True, trust_ratio_mask=True)
+    # The decayed gradient, read by optax's trust-ratio norm and by its scaling.
+    stored = [optax.lars(0.1, weight_decay=1e-4)]
+  else:
+    ours = optim.lamb(1e-3, weight_decay=1e-2, weight_decay_mask=True, trust_ratio_mask=True)
+    # The direction, formed by Adam and read twice by the ratio after it: optax's chain,
+    # and the same chain with effjax's own ``scale_by_trust_ratio``.
+    stored = [optax.lamb(1e-3, weight_decay=1e-2),
+              optax.chain(optax.scale_by_adam(eps=1e-6), optax.add_decayed_weights(1e-2),
+                          optim.scale_by_trust_ratio(), optax.scale_by_learning_rate(1e-3))]
+  assert temp_bytes(ours) < nbytes
+  # The bound is not vacuous: a chain that must store a parameter-sized array exceeds it.
+  for tx in stored:
+    assert temp_bytes(tx) >= nbytes
 
 
 def test_lars_default_masks_follow_the_paper_in_numpy():

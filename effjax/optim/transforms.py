@@ -111,6 +111,38 @@ def _sq_norm(x: jax.Array, stacked: bool = False) -> jax.Array:
   return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=stacked)
 
 
+def _summed(sq: list, split_leaves: list, axis_name: Optional[str]) -> list:
+  """Per leaf ``(||w||^2, ||u||^2)`` of this shard, summed over ``axis_name`` for the
+  leaves split over it: one all-reduce of all of them."""
+  split = [i for i, x in enumerate(split_leaves) if x and axis_name is not None]
+  if split:
+    summed = jax.lax.psum([sq[i] for i in split], axis_name)
+    sq = list(sq)
+    for i, pair in zip(split, summed):
+      sq[i] = pair
+  return sq
+
+
+def _ratios(sq: list, trust_coefficient: float, eps: float, min_norm: float,
+            max_trust_ratio: Optional[float]) -> list:
+  """``c * ||w|| / (||u|| + eps)`` per leaf from its ``(||w||^2, ||u||^2)``, 1 where
+  either norm is 0 (see ``scale_by_trust_ratio``)."""
+  if not sq:
+    return []
+  w_sq, u_sq = [a for a, _ in sq], [b for _, b in sq]
+  # All parameters' ratios in one vectorized computation rather than one small kernel
+  # per parameter: on a GPU each is a launch (161 of them for ResNet-50).
+  flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])
+  w_norm = jnp.maximum(jnp.sqrt(flat(w_sq)), min_norm)
+  u_norm = jnp.maximum(jnp.sqrt(flat(u_sq)), min_norm)
+  r = trust_coefficient * w_norm / (u_norm + eps)
+  if max_trust_ratio is not None:
+    r = jnp.minimum(r, max_trust_ratio)
+  r = jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
+  ends = np.cumsum([x.size for x in w_sq])
+  return [piece.reshape(x.shape) for piece, x in zip(jnp.split(r, ends[:-1]), w_sq)]
+
+
 class ScaleByTrustRatioState(NamedTuple):
   """The trust ratio each parameter's update was last scaled by (float32 scalars)."""
   trust_ratio: Any
@@ -184,19 +216,6 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
         u = u + wd * w
       return _sq_norm(w, s), _sq_norm(u, s)
 
-    def ratios(w_sq, u_sq):
-      # All parameters' ratios in one vectorized computation rather than one small
-      # kernel per parameter: on a GPU each is a launch (161 of them for ResNet-50).
-      flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])
-      w_norm = jnp.maximum(jnp.sqrt(flat(w_sq)), min_norm)
-      u_norm = jnp.maximum(jnp.sqrt(flat(u_sq)), min_norm)
-      r = trust_coefficient * w_norm / (u_norm + eps)
-      if max_trust_ratio is not None:
-        r = jnp.minimum(r, max_trust_ratio)
-      r = jnp.where((w_norm == 0.0) | (u_norm == 0.0), 1.0, r).astype(jnp.float32)
-      ends = np.cumsum([x.size for x in w_sq])
-      return [piece.reshape(x.shape) for piece, x in zip(jnp.split(r, ends[:-1]), w_sq)]
-
     def scaled(u, w, r, decay):
       if decay:
         u, w, wd = jax.lax.optimization_barrier((u, w, jnp.float32(weight_decay)))
@@ -207,16 +226,108 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
     w_leaves, s_leaves, split_leaves, decays = (treedef.flatten_up_to(t) for t in (
         params, _resolve_stacked(stacked, params), _resolve_sharded(sharded, params),
         _decay_tree(weight_decay, weight_decay_mask, params)))
-    sq = [sq_norms(*a) for a in zip(u_leaves, w_leaves, s_leaves, decays)]
-    split = [i for i, x in enumerate(split_leaves) if x and axis_name is not None]
-    if split:  # Sharded parameters: one all-reduce of all their squared norms.
-      summed = jax.lax.psum([sq[i] for i in split], axis_name)
-      for i, pair in zip(split, summed):
-        sq[i] = pair
-    r = ratios([a for a, _ in sq], [b for _, b in sq]) if sq else []
+    sq = _summed([sq_norms(*a) for a in zip(u_leaves, w_leaves, s_leaves, decays)],
+                 split_leaves, axis_name)
+    r = _ratios(sq, trust_coefficient, eps, min_norm, max_trust_ratio)
     new = [scaled(*a) for a in zip(u_leaves, w_leaves, r, decays)]
     return (jax.tree.unflatten(treedef, new),
             ScaleByTrustRatioState(trust_ratio=jax.tree.unflatten(treedef, r)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByLambState(NamedTuple):
+  """Adam's moments and step count, and the last trust ratios (``MaskedNode`` for the
+  parameters outside ``trust_ratio_mask``)."""
+  adam: optax.ScaleByAdamState
+  trust: ScaleByTrustRatioState
+
+
+def scale_by_lamb(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                  weight_decay: float = 0.0, weight_decay_mask: MaskOrFn = None,
+                  trust_ratio_mask: MaskOrFn = None,
+                  max_trust_ratio: Optional[float] = None, axis_name: Optional[str] = None,
+                  stacked: MaskOrFn = None,
+                  sharded: MaskOrFn = None) -> optax.GradientTransformation:
+  """LAMB's update direction before the learning rate: per layer
+  ``r(w, u) * u`` with ``u = m_hat / (sqrt(v_hat) + eps) + wd * w``.
+
+  The numbers of ``optax.chain(optax.scale_by_adam(b1, b2, eps),
+  optax.add_decayed_weights(wd, weight_decay_mask),
+  optax.masked(scale_by_trust_ratio(...), trust_ratio_mask))``, in fewer passes over
+  memory. In that chain ``u`` is one array with two readers, the norm and the scaled
+  update, so XLA stores it: a parameter-sized temporary written once and read twice.
+  Here each reader recomputes ``u`` from the new moments and ``w`` (which it reads
+  anyway), behind an ``optimization_barrier`` that keeps XLA from merging the two
+  computations back into one stored array.
+
+  Args:
+    b1, b2, eps: Adam's moment decays and epsilon (``eps`` outside the square root).
+    weight_decay: ``lambda``, decoupled: added to the Adam direction.
+    weight_decay_mask, trust_ratio_mask: which parameters get the decay and the ratio
+      (a pytree of bools, a function of the parameters, or None: all).
+    max_trust_ratio, axis_name, stacked, sharded: as in ``scale_by_trust_ratio``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a ``ScaleByLambState``.
+
+  References:
+    You et al. 2019, arXiv:1904.00962.
+  """
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def init_fn(params):
+    ratio = _per_leaf(trust_ratio_mask, params, True)
+    shape = lambda p, s: (p.shape[0],) + (1,) * (p.ndim - 1) if s else ()
+    trust = jax.tree.map(lambda p, s, m: jnp.ones(shape(p, s), jnp.float32) if m
+                         else optax.MaskedNode(), params, _resolve_stacked(stacked, params),
+                         ratio)
+    return ScaleByLambState(adam.init(params), ScaleByTrustRatioState(trust))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_lamb needs params")
+    # Adam's own direction is not used (XLA drops it): it is recomputed from the new
+    # moments where each reader needs it.
+    _, adam_state = adam.update(updates, state.adam)
+    c1 = 1 - b1 ** adam_state.count
+    c2 = 1 - b2 ** adam_state.count
+
+    def direction(m, v, w, decay, barrier=None):
+      # ``(m / c1) / (sqrt(v / c2) + eps)`` as ``m / (sqrt(v) * k1 + k2)``: one division
+      # per element instead of two (the same number to a few ulp). Computed twice per
+      # element here, and on a CPU division and square root, not memory, bound it.
+      k1, k2 = c1 / jnp.sqrt(c2), c1 * eps
+      scalars = (k1.astype(v.dtype), k2.astype(v.dtype), jnp.asarray(weight_decay, w.dtype))
+      if barrier is not None:
+        # The scalars too (XLA would share their broadcasts between same-shape leaves,
+        # and store them), and ``barrier``: two barriers on the same operands would be
+        # merged into one.
+        m, v, w, scalars, _ = jax.lax.optimization_barrier((m, v, w, scalars, barrier))
+      k1, k2, wd = scalars
+      u = m / (jnp.sqrt(v) * k1 + k2)
+      return u + wd * w if decay else u
+
+    mus, treedef = jax.tree.flatten(adam_state.mu)
+    nus, ws, ratio, decays, s_leaves, split_leaves = (treedef.flatten_up_to(t) for t in (
+        adam_state.nu, params, _per_leaf(trust_ratio_mask, params, True),
+        _decay_tree(weight_decay, weight_decay_mask, params),
+        _resolve_stacked(stacked, params), _resolve_sharded(sharded, params)))
+    idx = [i for i, x in enumerate(ratio) if x]
+    sq = []
+    for i in idx:
+      u = direction(mus[i], nus[i], ws[i], decays[i], barrier=())
+      sq.append((_sq_norm(ws[i], s_leaves[i]), _sq_norm(u, s_leaves[i])))
+    sq = _summed(sq, [split_leaves[i] for i in idx], axis_name)
+    r = dict(zip(idx, _ratios(sq, 1.0, 0.0, 0.0, max_trust_ratio)))
+    new, trust = [], []
+    for i, (m, v, w, decay) in enumerate(zip(mus, nus, ws, decays)):
+      u = direction(m, v, w, decay, barrier=r.get(i))
+      new.append((u * r[i]).astype(u.dtype) if i in r else u)
+      trust.append(r.get(i, optax.MaskedNode()))
+    return (jax.tree.unflatten(treedef, new),
+            ScaleByLambState(adam_state, ScaleByTrustRatioState(jax.tree.unflatten(treedef,
+                                                                                   trust))))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -358,11 +469,9 @@ def lamb(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
   """
   return optax.chain(
       clip_by_global_norm(1.0, axis_name, sharded) if grad_prenorm else optax.identity(),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      _decay(weight_decay, weight_decay_mask, stacked),
-      _masked(scale_by_trust_ratio(max_trust_ratio=max_trust_ratio, axis_name=axis_name,
-                                   stacked=stacked, sharded=sharded), trust_ratio_mask,
-              stacked),
+      scale_by_lamb(b1, b2, eps, weight_decay, _resolve_mask(weight_decay_mask, stacked),
+                    _resolve_mask(trust_ratio_mask, stacked), max_trust_ratio, axis_name,
+                    stacked, sharded),
       optax.scale_by_learning_rate(learning_rate),
   )
 
