@@ -157,6 +157,21 @@ class _CheckedFn:
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
+def with_cpu_device_count(xla_flags: str, devices: int) -> str:
+  """``xla_flags`` (an ``XLA_FLAGS`` value) asking for ``devices`` simulated CPU devices:
+  any device count in it is replaced, every other flag kept.
+
+  Args:
+    xla_flags: the flags, e.g. ``os.environ.get("XLA_FLAGS", "")``.
+    devices: the number of CPU devices.
+
+  Returns:
+    The new ``XLA_FLAGS`` value.
+  """
+  rest = _DEVICE_COUNT_FLAG.sub("", xla_flags).split()
+  return " ".join(rest + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def size_cpu_thread_pool() -> None:
   """Gives XLA:CPU more pool threads than simulated devices (sets ``NPROC`` if unset).
 

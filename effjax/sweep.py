@@ -22,6 +22,7 @@ import numpy as np
 
 from effjax import config as config_lib
 from effjax import grid
+from effjax import parallel
 from effjax.optim.scaling import scale_learning_rate
 
 
@@ -77,7 +78,9 @@ def _exit_with_parent(parent: int) -> None:
 def _init_worker(devices: int, parent: int) -> None:
   threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
   if devices:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Only the device count changes: a user's other XLA flags reach the workers too.
+    os.environ["XLA_FLAGS"] = parallel.with_cpu_device_count(os.environ.get("XLA_FLAGS", ""),
+                                                             devices)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from effjax import parallel
 from effjax.config import base_config, derive
 from effjax.grid import with_overrides
 
@@ -88,10 +89,16 @@ def contrastive_config(data_dir, **overrides):
   return with_overrides(derive(c), overrides)
 
 
+def xla_flags(devices: int) -> str:
+  """``XLA_FLAGS`` for a subprocess of the suite: the suite's own (conftest.py), with
+  ``devices`` simulated CPU devices."""
+  return parallel.with_cpu_device_count(os.environ.get("XLA_FLAGS", ""), devices)
+
+
 def run_cli(args, env_extra=None, devices=8, timeout=600, module="experiments.train"):
   """Runs ``python -m MODULE ARGS`` from the repo root; returns the process."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", module] + list(args), cwd=REPO,

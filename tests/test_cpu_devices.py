@@ -6,7 +6,7 @@ import sys
 import time
 
 from effjax import parallel
-from tests.helpers import REPO
+from tests.helpers import REPO, xla_flags
 
 _PROGRAM = """
 import effjax, jax, jax.numpy as jnp, numpy as np
@@ -34,6 +34,13 @@ def test_pool_size_follows_simulated_device_count(monkeypatch):
   assert os.environ["NPROC"] == "5"  # A user's own setting wins.
 
 
+def test_with_cpu_device_count_replaces_the_count_and_keeps_other_flags():
+  got = parallel.with_cpu_device_count(
+      "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d", 2)
+  assert got == "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2"
+  assert parallel.with_cpu_device_count("", 4) == "--xla_force_host_platform_device_count=4"
+
+
 def test_all_reduce_survives_cpu_contention():
   """Without the pool sizing, this aborted with 'only 7 of 8 arrived' on 2 busy cores
   (checked again with 1000 iterations and NPROC=8: killed by SIGABRT after 62 s; with the
@@ -42,7 +49,7 @@ def test_all_reduce_survives_cpu_contention():
                             "while time.time() - t < 120: pass"]) for _ in range(2)]
   try:
     env = {k: v for k, v in os.environ.items() if k != "NPROC"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(8)
     t = time.time()
     proc = subprocess.run([sys.executable, "-c", _PROGRAM], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)

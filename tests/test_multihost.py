@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from effjax.metrics import read_jsonl
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, run_cli, xla_flags
 
 ARGS = ["--config=configs/mnist1d_sgd.py:canonical", "--config.num_epochs=1", "--config.curves=False",
         "--config.log_every=4", "--config.model.widths=(16,32)", "--config.model.norm=sync_batch",
@@ -30,7 +30,7 @@ def test_two_hosts_match_one_host(data_dir, tmp_path):
 
   multi = tmp_path / "multi"
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "experiments.train"] + ARGS +

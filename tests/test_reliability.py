@@ -27,7 +27,8 @@ import effjax
 from effjax import checkpoint as ckpt_lib
 from effjax import steps as steps_lib
 from effjax.metrics import read_jsonl
-from tests.helpers import REPO, assert_trees_close, run_cli, snapshot, tiny_config
+from tests.helpers import (REPO, assert_trees_close, run_cli, snapshot, tiny_config,
+                           xla_flags)
 
 SEED = int(os.environ.get("EFFJAX_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
 RNG = random.Random(SEED)
@@ -62,7 +63,7 @@ CONTRASTIVE_TOTAL = 31
 
 
 def _cli(args, workdir, data_dir, env=None, devices=8):
-  full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  full_env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                   JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.Popen(
       [sys.executable, "-m", "experiments.train"] + args +

@@ -9,7 +9,7 @@ import pytest
 
 import effjax
 from effjax import sweep, trainer
-from tests.helpers import REPO, run_cli, tiny_config
+from tests.helpers import REPO, run_cli, tiny_config, xla_flags
 
 
 def test_fit_recovers_the_model_from_exact_and_noisy_points():
@@ -117,7 +117,7 @@ def test_killed_sweep_leaves_no_workers_training(data_dir, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.batch_size_sweep",
