@@ -3,16 +3,10 @@
 import os
 import tempfile
 
-# Must precede any JAX import: every test runs on 8 simulated CPU devices, with XLA:CPU's
-# machine code compiled at LLVM's -O1 (subprocesses keep both: tests.helpers.xla_flags).
-# At the tests' sizes compiling dominates the suite, and -O1 compiles a step in about
-# 3/4 of the default's time (the 31-step tiny run: 4.7 -> 3.4 s of CPU). XLA's own HLO
-# passes (fusion, layout, collectives) are the same, and without fast-math LLVM keeps
-# IEEE semantics at every level: the recorded numbers of test_tasks.py hold to 1e-5.
-# (-O0 is not usable: XLA:CPU gave the tiny run a NaN loss at step 1.)
+# Must precede any JAX import: every test runs on 8 simulated CPU devices (subprocesses
+# keep the suite's XLA flags: tests.helpers.xla_flags).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=1").strip()
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every compiled per-replica function checks that its outputs agree across replicas
 # (effjax.parallel.Runner.compile); the CLI tests' subprocesses inherit it.
