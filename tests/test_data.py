@@ -1,5 +1,7 @@
 """Embedded TFDS builders and the grain input pipeline."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -231,3 +233,23 @@ def test_imagenet_train_augmentation_flips():
   slope = np.diff(out.astype(np.float64), axis=2).mean(axis=(1, 2))  # Along the width.
   assert np.all(slope != 0)
   assert 10 < (slope > 0).sum() < 54  # Both orientations occur: the ramp was flipped.
+
+
+def test_a_split_is_parsed_once_per_process_until_its_files_change(tmp_path):
+  """The second run on the same files gets the arrays of the first (read-only, equal to
+  a fresh parse); regenerated files are read anew."""
+  spec = data.get_spec("digits")
+  builder = data.get_builder("digits", str(tmp_path))
+  first = data.load_split(builder, "train", spec)
+  again = data.load_split(builder, "train", spec)
+  assert again.arrays["input"] is first.arrays["input"]
+  with pytest.raises(ValueError, match="read-only"):
+    again.arrays["label"][0] = 0
+  source = builder.as_data_source(split="train")
+  fresh = np.stack([r[spec.input_key] for r in source.__getitems__(list(range(len(source))))])
+  np.testing.assert_array_equal(first.arrays["input"], fresh)
+  for f in os.scandir(builder.data_dir):  # As if regenerated: new times on the files.
+    os.utime(f.path, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))
+  reread = data.load_split(builder, "train", spec)
+  assert reread.arrays["input"] is not first.arrays["input"]
+  np.testing.assert_array_equal(reread.arrays["input"], fresh)
