@@ -80,6 +80,8 @@ def hlo_passes(compiled, shape) -> tuple[int, int, int, int]:
     shapes[name] = bool(big.match(out))
     if op in ("parameter", "tuple", "get-tuple-element", "bitcast", "constant"):
       continue
+    # Operands from the sixth on carry an ``/*index=5*/`` comment.
+    operands = re.sub(r"/\*.*?\*/", "", operands)
     r = sum(shapes.get(o.strip().lstrip("%"), False) for o in operands.split(","))
     w = int(bool(big.match(out)))
     if r or w:
