@@ -295,8 +295,8 @@ def scale_by_lamb(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
 
     def direction(m, v, w, decay, barrier=None):
       # ``(m / c1) / (sqrt(v / c2) + eps)`` as ``m / (sqrt(v) * k1 + k2)``: one division
-      # per element instead of two (the same number to a few ulp). Computed twice per
-      # element here, and on a CPU division and square root, not memory, bound it.
+      # per element instead of two, in each of the two recomputations (the same number
+      # to a few ulp).
       k1, k2 = c1 / jnp.sqrt(c2), c1 * eps
       scalars = (k1.astype(v.dtype), k2.astype(v.dtype), jnp.asarray(weight_decay, w.dtype))
       if barrier is not None:
