@@ -143,6 +143,12 @@ def _ratios(sq: list, trust_coefficient: float, eps: float, min_norm: float,
   return [piece.reshape(x.shape) for piece, x in zip(jnp.split(r, ends[:-1]), w_sq)]
 
 
+def _initial_ratio(p: Any, stacked: bool) -> jax.Array:
+  """A ratio of 1 for parameter ``p``: a scalar, or (``stacked``) one per layer, shaped
+  ``[L, 1, ...]``."""
+  return jnp.ones((p.shape[0],) + (1,) * (p.ndim - 1) if stacked else (), jnp.float32)
+
+
 class ScaleByTrustRatioState(NamedTuple):
   """The trust ratio each parameter's update was last scaled by (float32 scalars)."""
   trust_ratio: Any
@@ -197,10 +203,8 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0,
   """
 
   def init_fn(params):
-    shape = lambda p, s: (p.shape[0],) + (1,) * (p.ndim - 1) if s else ()
     return ScaleByTrustRatioState(trust_ratio=jax.tree.map(
-        lambda p, s: jnp.ones(shape(p, s), jnp.float32), params,
-        _resolve_stacked(stacked, params)))
+        _initial_ratio, params, _resolve_stacked(stacked, params)))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -277,11 +281,9 @@ def scale_by_lamb(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
-    ratio = _per_leaf(trust_ratio_mask, params, True)
-    shape = lambda p, s: (p.shape[0],) + (1,) * (p.ndim - 1) if s else ()
-    trust = jax.tree.map(lambda p, s, m: jnp.ones(shape(p, s), jnp.float32) if m
-                         else optax.MaskedNode(), params, _resolve_stacked(stacked, params),
-                         ratio)
+    trust = jax.tree.map(lambda p, s, m: _initial_ratio(p, s) if m else optax.MaskedNode(),
+                         params, _resolve_stacked(stacked, params),
+                         _per_leaf(trust_ratio_mask, params, True))
     return ScaleByLambState(adam.init(params), ScaleByTrustRatioState(trust))
 
   def update_fn(updates, state, params=None):
@@ -290,22 +292,21 @@ def scale_by_lamb(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
     # Adam's own direction is not used (XLA drops it): it is recomputed from the new
     # moments where each reader needs it.
     _, adam_state = adam.update(updates, state.adam)
-    c1 = 1 - b1 ** adam_state.count
-    c2 = 1 - b2 ** adam_state.count
+    # ``(m / c1) / (sqrt(v / c2) + eps)`` as ``m / (sqrt(v) * k1 + k2)``: one division
+    # per element instead of two, in each of the two recomputations (the same number to
+    # a few ulp).
+    c1, c2 = 1 - b1 ** adam_state.count, 1 - b2 ** adam_state.count
+    k1, k2 = c1 / jnp.sqrt(c2), c1 * eps
 
     def direction(m, v, w, decay, barrier=None):
-      # ``(m / c1) / (sqrt(v / c2) + eps)`` as ``m / (sqrt(v) * k1 + k2)``: one division
-      # per element instead of two, in each of the two recomputations (the same number
-      # to a few ulp).
-      k1, k2 = c1 / jnp.sqrt(c2), c1 * eps
       scalars = (k1.astype(v.dtype), k2.astype(v.dtype), jnp.asarray(weight_decay, w.dtype))
       if barrier is not None:
         # The scalars too (XLA would share their broadcasts between same-shape leaves,
         # and store them), and ``barrier``: two barriers on the same operands would be
         # merged into one.
         m, v, w, scalars, _ = jax.lax.optimization_barrier((m, v, w, scalars, barrier))
-      k1, k2, wd = scalars
-      u = m / (jnp.sqrt(v) * k1 + k2)
+      k1_, k2_, wd = scalars
+      u = m / (jnp.sqrt(v) * k1_ + k2_)
       return u + wd * w if decay else u
 
     mus, treedef = jax.tree.flatten(adam_state.mu)
