@@ -22,11 +22,16 @@ byte-level decoder LM on packed 128-token sequences), with the same global batch
   (b)  a minimal hand-written flax+optax step for the same model: per-device
        ``flax.linen.BatchNorm``, ``optax.lars``, ``pmean`` of the gradients under
        ``shard_map``, loss only (the LM: the same decoder, ``optax.adamw``, the masked
-       next-token loss as a per-device token mean);
-  (b_sync) (b) with ``flax.linen.BatchNorm(axis_name='data')``: the maths of (a), so
-       ``(a)/(b_sync)`` is everything effjax adds on top of it, and ``(a0)/(b)`` the lean
-       step's own overhead (models without BN: (b_sync) is (b));
-  (b') (b) again, compiled separately: ``(b)/(b')`` shows the timing noise;
+       next-token loss as a per-device token mean). It is a floor, so it is the faster
+       of two ways to write the gradients' mean: (b_leaf) ``pmean`` of the gradient
+       tree, which XLA:CPU's all-reduce meets the devices' threads for once per leaf,
+       and (b_packed) ``pmean`` of the gradients raveled into one vector
+       (``jax.flatten_util.ravel_pytree``), one meeting for the price of a copy;
+  (b_sync) (b) with ``flax.linen.BatchNorm(axis_name='data')`` (again the faster of
+       b_sync_leaf and b_sync_packed): the maths of (a), so ``(a)/(b_sync)`` is
+       everything effjax adds on top of it, and ``(a0)/(b)`` the lean step's own
+       overhead (models without BN: (b_sync) is (b));
+  (b') (b_leaf) again, compiled separately: ``(b_leaf)/(b')`` shows the timing noise;
   (c)  PyTorch on CPU, same architecture and LARS maths, eager and ``torch.compile``
        (one process; run with ``--devices=1`` to compare like with like).
 
@@ -72,6 +77,8 @@ MODELS = {
 }
 # The target of (a)/(b_sync) and (a0)/(b) for every model (issue 14).
 TARGET = 1.03
+# Below this, the hand-written step is slower than effjax's: a broken floor, not a result.
+FLOOR_OK = 0.95
 LM_SEQ_LEN = 128
 
 
@@ -117,9 +124,21 @@ def _flax_bn_model(config, spec, dtype, sync: bool):
                                               kind="batch", batch_norm=bn))
 
 
-def _minimal_flax_step(config, runner, spec, sync: bool = False):
+def _mean_gradients(grads, packed: bool):
+  """The hand-written steps' gradient mean over ``'data'``: of the tree, or (``packed``)
+  of the tree raveled into one vector."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
+  if not packed:
+    return jax.lax.pmean(grads, "data")
+  flat, unravel = ravel_pytree(grads)
+  return unravel(jax.lax.pmean(flat, "data"))
+
+
+def _minimal_flax_step(config, runner, spec, sync: bool = False, packed: bool = False):
   """(b): the step a user writes by hand with flax + optax (``flax.linen.BatchNorm``,
-  per device or, ``sync``, over ``'data'``; ``optax.lars``)."""
+  per device or, ``sync``, over ``'data'``; ``optax.lars``; the gradients' mean of the
+  tree or, ``packed``, of one raveled vector)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -145,7 +164,7 @@ def _minimal_flax_step(config, runner, spec, sync: bool = False):
       return loss, new.get("batch_stats", {})
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grads = jax.lax.pmean(grads, "data")
+    grads = _mean_gradients(grads, packed)
     updates, opt = tx.update(grads, opt, params)
     return (optax.apply_updates(params, updates), stats, opt), jax.lax.pmean(loss, "data")
 
@@ -160,8 +179,9 @@ def _minimal_flax_step(config, runner, spec, sync: bool = False):
   return [fn, state, batch, []], n
 
 
-def _minimal_lm_step(config, runner, spec):
-  """(b) for the LM: the same decoder and loss written by hand with flax + optax.adamw."""
+def _minimal_lm_step(config, runner, spec, packed: bool = False):
+  """(b) for the LM: the same decoder and loss written by hand with flax + optax.adamw
+  (the gradients' mean as in ``_minimal_flax_step``)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -189,7 +209,7 @@ def _minimal_lm_step(config, runner, spec):
       return jnp.sum(nll * batch["weights"]) / jnp.sum(batch["weights"])
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    grads = jax.lax.pmean(grads, "data")
+    grads = _mean_gradients(grads, packed)
     updates, opt = tx.update(grads, opt, params)
     return (optax.apply_updates(params, updates), opt), jax.lax.pmean(loss, "data")
 
@@ -248,15 +268,19 @@ def _time_model(name: str, devices: int):
   runs = {"a": compiled_step(full), "a0": compiled_step(lean)}
   runner = trainer.Runner(full.parallel)
   minimal = _minimal_lm_step if name == "lm" else _minimal_flax_step
-  runs["b"], n_params = minimal(lean, runner, spec)
+  runs["b_leaf"], n_params = minimal(lean, runner, spec)
+  runs["b_packed"], _ = minimal(lean, runner, spec, packed=True)
   has_bn = name != "lm" and lean.model.norm == "batch"
   if has_bn:
-    runs["b_sync"], _ = _minimal_flax_step(lean, runner, spec, sync=True)
-  # The same minimal step again: (b)/(b') is the timing noise of this machine.
+    runs["b_sync_leaf"], _ = _minimal_flax_step(lean, runner, spec, sync=True)
+    runs["b_sync_packed"], _ = _minimal_flax_step(lean, runner, spec, sync=True, packed=True)
+  # The same minimal step again: (b_leaf)/(b') is the timing noise of this machine.
   runs["b'"], _ = minimal(lean, runner, spec)
   times = time_interleaved(runs, steps, FLAGS.repeats)
-  if not has_bn:
-    times["b_sync"] = times["b"]  # No BN: (b) is already the maths of (a).
+  # The floors: the faster way of writing the gradients' mean, per model.
+  times["b"] = min(times["b_leaf"], times["b_packed"])
+  sync = ("b_sync_leaf", "b_sync_packed") if has_bn else ("b_leaf", "b_packed")
+  times["b_sync"] = min(times[k] for k in sync)  # No BN: (b) is already the maths of (a).
   n_torch = None
   if FLAGS.torch and name != "lm":  # No PyTorch twin of the LM.
     n_torch = _time_torch(name, spec, batch, steps, FLAGS.repeats, times)
@@ -268,7 +292,8 @@ def _time_model(name: str, devices: int):
                                     "sync BN would need microbatches") + ")"))
   for k, t in times.items():
     print(f"  {k:10s} {batch / t:12.1f} examples/s  {t * 1e3:9.2f} ms/step")
-  pairs = [("a", "b_sync"), ("a0", "b"), ("a", "b"), ("a", "a0"), ("b", "b'")]
+  pairs = [("a", "b_sync"), ("a0", "b"), ("a", "b"), ("a", "a0"), ("b_leaf", "b'"),
+           ("b_packed", "b_leaf")]
   if FLAGS.torch and name != "lm":
     pairs += [("a", "c_eager"), ("a", "c_compile"), ("b", "c_compile")]
   ratios = {}
@@ -277,7 +302,9 @@ def _time_model(name: str, devices: int):
     ratios[key] = times[p] / times[q]
     print(f"{key} {ratios[key]:.3f}")
   for pair in ("(a)/(b_sync)", "(a0)/(b)"):
-    verdict = "ok" if ratios[pair] <= TARGET else f"ABOVE the {TARGET} target"
+    verdict = ("ok" if FLOOR_OK <= ratios[pair] <= TARGET else
+               f"ABOVE the {TARGET} target" if ratios[pair] > TARGET else
+               f"BROKEN FLOOR (ratio < {FLOOR_OK}): the hand-written step is not a lower bound")
     print(f"  {pair} target <= {TARGET}: {verdict}", flush=True)
   return name, batch, times, ratios
 
