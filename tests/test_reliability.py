@@ -195,7 +195,8 @@ def test_interrupted_at_random_steps_resumes_bitwise(reference, data_dir, tmp_pa
   _assert_same_run(reference[name], workdir, msg)
 
 
-# --- 2. preemption of several processes, and the save interval ------------------------------
+# --- 2. the save interval (preemption of several processes: test_multihost.py, with these
+# helpers) -----------------------------------------------------------------------------------
 
 
 def _free_port():
@@ -210,31 +211,6 @@ def _two_hosts(args, workdir, data_dir):
                        "--config.distributed.num_processes=2",
                        f"--config.distributed.process_id={i}"], workdir, data_dir, devices=4)
           for i in range(2)]
-
-
-def test_multihost_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
-  """SIGTERM reaches process 1 only: both processes agree on the step, save it and exit 4;
-  two processes then resume from it and finish."""
-  # No periodic saves (every_steps=0): the saves under test are the agreed one at the
-  # signal and the final one; 20 two-process saves per run only cost time.
-  args = BASE + ["--config.ema.enabled=False", "--config.noise_scale.enabled=False",
-                 "--config.checkpoint.every_steps=0"]
-  k = RNG.randrange(2, TOTAL - 6)
-  msg = f"seed {SEED}, SIGTERM to process 1 after step {k}"
-  workdir = str(tmp_path / "run")
-  procs = _two_hosts(args, workdir, data_dir)
-  outs = _signal_at(procs, workdir, k, signal.SIGTERM, target=procs[1])
-  lines = [err.strip().splitlines()[-1] for _, err in outs]
-  assert [p.returncode for p in procs] == [effjax.EXIT_PREEMPTED] * 2, f"{msg}: {lines}"
-  saved = [int(l.split("at step ")[1].split()[0]) for l in lines]
-  assert lines[1].startswith("preempted by SIGTERM") and saved[0] == saved[1] >= k, msg
-  assert lines[0].startswith("preempted by a signal to process 1: "), msg
-  assert _final_checkpoint(workdir)[0] == saved[0], msg
-  procs = _two_hosts(args, workdir, data_dir)
-  outs = [p.communicate(timeout=600) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], f"{msg}: {[o[1][-2000:] for o in outs]}"
-  assert f"resumed from step {saved[0]}" in outs[0][0], msg
-  assert _final_checkpoint(workdir)[0] == TOTAL
 
 
 def test_every_secs_bounds_the_work_lost(data_dir, tmp_path):
