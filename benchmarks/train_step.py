@@ -310,12 +310,16 @@ def _time_model(name: str, devices: int):
 
 
 def _print_table(table):
-  print("\n| model | batch | " + " | ".join(f"{k} ex/s" for k in table[0][2]) + " | " +
-        " | ".join(table[0][3]) + " |")
-  print("|---|---|" + "---|" * (len(table[0][2]) + len(table[0][3])))
-  for name, batch, times, ratios in table:
-    print(f"| {name} | {batch} | " + " | ".join(f"{batch / times[k]:.0f}" for k in table[0][2])
-          + " | " + " | ".join(f"{r:.3f}" for r in ratios.values()) + " |")
+  # Models without BN have no b_sync_* runs: every run any model has is a column.
+  keys = list(dict.fromkeys(k for row in table for k in row[2]))
+  ratios = list(dict.fromkeys(k for row in table for k in row[3]))
+  print("\n| model | batch | " + " | ".join(f"{k} ex/s" for k in keys) + " | " +
+        " | ".join(ratios) + " |")
+  print("|---|---|" + "---|" * (len(keys) + len(ratios)))
+  for name, batch, times, row_ratios in table:
+    print(f"| {name} | {batch} | "
+          + " | ".join(f"{batch / times[k]:.0f}" if k in times else "-" for k in keys) + " | "
+          + " | ".join(f"{row_ratios[k]:.3f}" if k in row_ratios else "-" for k in ratios) + " |")
 
 
 def _each_in_its_own_process():
