@@ -2,6 +2,7 @@
 
 import gc
 import os
+import shutil
 import tempfile
 
 # Must precede any JAX import: every test runs on 8 simulated CPU devices (subprocesses
@@ -18,8 +19,8 @@ os.environ.setdefault("EFFJAX_CHECK_REPLICATED", "1")
 # them compile each once. Its keys hash the program, options and JAX version, so a hit is
 # the same executable: bitwise results are unchanged.
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"effjax-test-jax-cache-{_RUN}"))
+_CACHE = os.path.join(tempfile.gettempdir(), f"effjax-test-jax-cache-{_RUN}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -48,3 +49,10 @@ def data_dir(tmp_path_factory):
   data.get_builder("digits", d)
   data.get_builder("python_stdlib", d)
   return d
+
+
+def pytest_sessionfinish(session):  # pylint: disable=unused-argument
+  """The run's compilation cache goes with the run (it held 5-40 MB per run of the suite):
+  removed by the process that made the run's id, xdist's controller or a plain pytest."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    shutil.rmtree(_CACHE, ignore_errors=True)
