@@ -67,6 +67,16 @@ def _bits(x) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
 
 
+def _raveled_per_dtype(leaves: list, indices) -> list[tuple[list[int], jax.Array]]:
+  """The leaves at ``indices`` grouped by dtype (in order of first appearance), each group
+  raveled and concatenated into one vector: ``[(its indices, its vector)]``."""
+  groups: dict = {}
+  for i in indices:
+    groups.setdefault(jnp.dtype(leaves[i].dtype), []).append(i)
+  return [(idx, jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]))
+          for idx in groups.values()]
+
+
 def _ring_equal(leaves: list, axis_name: Any) -> tuple[jax.Array, list[tuple[int, int]]]:
   """Whether each element of all ``leaves`` equals the previous replica's copy, as one
   flat bool vector (one ``ppermute`` of all bits), and each leaf's (start, length) in it.
@@ -75,12 +85,9 @@ def _ring_equal(leaves: list, axis_name: Any) -> tuple[jax.Array, list[tuple[int
   read as bits leaf by leaf, XLA:CPU gave every leaf a copying kernel of its own (73 in
   the test LM's step, a fifth of its compile)."""
   leaves = [_key_data(jnp.asarray(x)) for x in leaves]
-  by_dtype: dict = {}
-  for i, x in enumerate(leaves):
-    by_dtype.setdefault(jnp.dtype(x.dtype), []).append(i)
   parts, spans, start = [], [(0, 0)] * len(leaves), 0
-  for idx in by_dtype.values():
-    bits = _bits(jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]))
+  for idx, vec in _raveled_per_dtype(leaves, range(len(leaves))):
+    bits = _bits(vec)
     words = bits.size // max(1, sum(leaves[i].size for i in idx))  # 2 for 64-bit values.
     for i in idx:
       spans[i] = (start, leaves[i].size * words)
@@ -530,18 +537,14 @@ def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any
     The tree of sums over ``axis_name``, identical on every replica.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  small, big = {}, []  # small: dtype -> indices of the small leaves of that dtype.
-  for i, x in enumerate(leaves):
-    if x.size <= max_size:
-      small.setdefault(jnp.dtype(x.dtype), []).append(i)
-    else:
-      big.append(i)
-  packed = [jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) for idx in small.values()]
-  summed_packed, summed_big = jax.lax.psum((packed, [leaves[i] for i in big]), axis_name)
+  big = [i for i, x in enumerate(leaves) if x.size > max_size]
+  groups = _raveled_per_dtype(leaves, [i for i, x in enumerate(leaves) if x.size <= max_size])
+  summed_packed, summed_big = jax.lax.psum(([vec for _, vec in groups],
+                                            [leaves[i] for i in big]), axis_name)
   out = list(leaves)
   for i, x in zip(big, summed_big):
     out[i] = x
-  for idx, vec in zip(small.values(), summed_packed):
+  for (idx, _), vec in zip(groups, summed_packed):
     offset = 0
     for i in idx:
       n = leaves[i].size
