@@ -8,6 +8,7 @@ one host with 8 devices, or many hosts.
 
 import os
 import re
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -510,11 +511,23 @@ def group_psum(tree: Any, axis_name: Any, group_size: int | None = None) -> Any:
   return jax.tree.map(reduce, tree)
 
 
-# Leaves with at most this many elements travel packed into one vector (``packed_psum``).
+# Leaves with at most this many elements travel packed into one vector (``packed_psum``)
+# on GPU and TPU, and are reduced as one vector by ``global_sq_norm``.
 PACK_MAX_SIZE = 4096
+# On XLA:CPU, ``packed_psum`` packs leaves of any size (``pack_max_size``).
+CPU_PACK_MAX_SIZE = sys.maxsize
 
 
-def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any:
+def pack_max_size() -> int:
+  """``packed_psum``'s default ``max_size`` on the default backend: on XLA:CPU every
+  leaf (``CPU_PACK_MAX_SIZE``), since each operand of an all-reduce is a meeting of all
+  the device threads and costs more than copying the leaf into the packed vector
+  (BENCHMARKS.md, eleventh pass); elsewhere ``PACK_MAX_SIZE``, since XLA's all-reduce
+  combiner merges operands itself and a large leaf would only be copied."""
+  return CPU_PACK_MAX_SIZE if jax.default_backend() == "cpu" else PACK_MAX_SIZE
+
+
+def packed_psum(tree: Any, axis_name: Any, max_size: int | None = None) -> Any:
   """``lax.psum(tree, axis_name)``, with the small leaves (at most ``max_size``
   elements) raveled into one vector per dtype, summed as one operand, and split again.
 
@@ -525,17 +538,19 @@ def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any
   the all-reduce has. XLA:CPU meets the replicas once per operand, so a step's scalars
   (loss, weight, metrics) and BN statistics, each its own operand, cost a rendezvous
   each (``BENCHMARKS.md``, sixth pass); on GPU and TPU, XLA's all-reduce combiner merges
-  small operands itself and the packing costs a copy of a few kB. Large leaves are left
-  as they are: concatenating them would copy them.
+  small operands itself and the packing costs a copy of a few kB. There, large leaves are
+  left as they are: concatenating them would copy them for nothing.
 
   Args:
     tree: a pytree of arrays, this replica's values.
     axis_name: the named axis or axes to sum over.
-    max_size: the largest leaf (in elements) that is packed.
+    max_size: the largest leaf (in elements) that is packed; ``None``:
+      ``pack_max_size()``, every leaf on CPU and ``PACK_MAX_SIZE`` elsewhere.
 
   Returns:
     The tree of sums over ``axis_name``, identical on every replica.
   """
+  max_size = pack_max_size() if max_size is None else max_size
   leaves, treedef = jax.tree.flatten(tree)
   big = [i for i, x in enumerate(leaves) if x.size > max_size]
   groups = _raveled_per_dtype(leaves, [i for i, x in enumerate(leaves) if x.size <= max_size])
@@ -553,7 +568,7 @@ def packed_psum(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any
   return jax.tree.unflatten(treedef, out)
 
 
-def packed_pmean(tree: Any, axis_name: Any, max_size: int = PACK_MAX_SIZE) -> Any:
+def packed_pmean(tree: Any, axis_name: Any, max_size: int | None = None) -> Any:
   """``lax.pmean`` as ``packed_psum`` divided by the axis size."""
   n = jax.lax.axis_size(axis_name)
   return jax.tree.map(lambda x: x / n, packed_psum(tree, axis_name, max_size))

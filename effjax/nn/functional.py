@@ -27,6 +27,14 @@ def _stats_dtype(x: jax.Array):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def _replicas(axis_name: Any, group_size: int | None) -> int:
+  """How many replicas' examples one statistic spans (``group_psum``'s groups)."""
+  if axis_name is None:
+    return 1
+  axes = bound_axes(axis_name)
+  return group_size or (jax.lax.axis_size(axes) if axes else 1)
+
+
 def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
                   group_size: int | None = None, mask: jax.Array | None = None,
                   use_fast_variance: bool = True, shift: jax.Array | None = None):
@@ -65,10 +73,14 @@ def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
     c = jax.lax.stop_gradient(jnp.asarray(shift, dtype))
     c = jnp.broadcast_to(c, [1 if a in axes else d for a, d in enumerate(x.shape)])
     x = x - c
+  stats_shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
   if mask is None:
+    # Every replica of a group holds the same number of examples: the count is known
+    # when tracing, so only the sums travel (a stacked count cost XLA:CPU a broadcast,
+    # a concatenation and, in the backward pass, a pad per layer).
     m = None
-    count = jnp.full([1 if a in axes else d for a, d in enumerate(x.shape)],
-                     math.prod(x.shape[a] for a in axes), dtype)
+    count = jnp.full(stats_shape, math.prod(x.shape[a] for a in axes) *
+                     _replicas(axis_name, group_size), dtype)
   else:
     m = jnp.broadcast_to(mask, x.shape).astype(bool)
     x = jnp.where(m, x, 0)
@@ -80,16 +92,19 @@ def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
     stacked = jnp.stack(jnp.broadcast_arrays(*sums))  # one collective for all sums
     return tuple(group_psum(stacked, axis_name, group_size))
 
+  def reduce_with_count(*sums):
+    return (count,) + reduce(*sums) if m is None else reduce(count, *sums)
+
   if use_fast_variance:
-    count, s1, s2 = reduce(count, jnp.sum(x, axes, keepdims=True),
-                           jnp.sum(jnp.square(x), axes, keepdims=True))
+    count, s1, s2 = reduce_with_count(jnp.sum(x, axes, keepdims=True),
+                                      jnp.sum(jnp.square(x), axes, keepdims=True))
     n = jnp.maximum(count, 1)
     mean = s1 / n
     var = jnp.maximum(s2 / n - jnp.square(mean), 0.0)
     if c is not None:
       mean = mean + c
   else:
-    count, s1 = reduce(count, jnp.sum(x, axes, keepdims=True))
+    count, s1 = reduce_with_count(jnp.sum(x, axes, keepdims=True))
     n = jnp.maximum(count, 1)
     mean = s1 / n
     d = x - mean if m is None else jnp.where(m, x - mean, 0)
