@@ -325,8 +325,9 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
 
   Each collective is a rendezvous of all replicas, so separate ones cost measurably more
   than one (CPU: ~7% of the mnist1d CNN step on 8 devices; see BENCHMARKS.md). XLA:CPU
-  also meets once per operand of an all-reduce, so the small leaves (scalars, BN
-  statistics, biases) travel packed into one vector (``parallel.packed_pmean``). Sums
+  also meets once per operand of an all-reduce, so the leaves travel packed into one
+  vector per dtype (``parallel.packed_pmean``: all of them on CPU, the small ones
+  elsewhere). Sums
   divided by the summed weight give the mean over the global batch, also when replicas
   hold different numbers of real tokens."""
   if not reduced:
