@@ -8,7 +8,6 @@ one host with 8 devices, or many hosts.
 
 import os
 import re
-import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -514,16 +513,19 @@ def group_psum(tree: Any, axis_name: Any, group_size: int | None = None) -> Any:
 # Leaves with at most this many elements travel packed into one vector (``packed_psum``)
 # on GPU and TPU, and are reduced as one vector by ``global_sq_norm``.
 PACK_MAX_SIZE = 4096
-# On XLA:CPU, ``packed_psum`` packs leaves of any size (``pack_max_size``).
-CPU_PACK_MAX_SIZE = sys.maxsize
+# On XLA:CPU, ``packed_psum`` packs leaves up to this size (``pack_max_size``).
+CPU_PACK_MAX_SIZE = 1 << 18
 
 
 def pack_max_size() -> int:
-  """``packed_psum``'s default ``max_size`` on the default backend: on XLA:CPU every
-  leaf (``CPU_PACK_MAX_SIZE``), since each operand of an all-reduce is a meeting of all
-  the device threads and costs more than copying the leaf into the packed vector
-  (BENCHMARKS.md, eleventh pass); elsewhere ``PACK_MAX_SIZE``, since XLA's all-reduce
-  combiner merges operands itself and a large leaf would only be copied."""
+  """``packed_psum``'s default ``max_size`` on the default backend.
+
+  On XLA:CPU, ``CPU_PACK_MAX_SIZE`` (2^18 elements, 1 MiB of float32): each operand of
+  an all-reduce is a meeting of all the device threads, which costs more than copying a
+  leaf of up to about that size into the packed vector; ResNet-18's few larger kernels
+  cost more copied than met for (BENCHMARKS.md, eleventh pass). Elsewhere
+  ``PACK_MAX_SIZE``: XLA's all-reduce combiner merges operands itself, so a large leaf
+  would only be copied."""
   return CPU_PACK_MAX_SIZE if jax.default_backend() == "cpu" else PACK_MAX_SIZE
 
 
@@ -545,7 +547,7 @@ def packed_psum(tree: Any, axis_name: Any, max_size: int | None = None) -> Any:
     tree: a pytree of arrays, this replica's values.
     axis_name: the named axis or axes to sum over.
     max_size: the largest leaf (in elements) that is packed; ``None``:
-      ``pack_max_size()``, every leaf on CPU and ``PACK_MAX_SIZE`` elsewhere.
+      ``pack_max_size()`` (2^18 on CPU, ``PACK_MAX_SIZE`` elsewhere).
 
   Returns:
     The tree of sums over ``axis_name``, identical on every replica.

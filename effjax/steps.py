@@ -326,7 +326,7 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
   Each collective is a rendezvous of all replicas, so separate ones cost measurably more
   than one (CPU: ~7% of the mnist1d CNN step on 8 devices; see BENCHMARKS.md). XLA:CPU
   also meets once per operand of an all-reduce, so the leaves travel packed into one
-  vector per dtype (``parallel.packed_pmean``: all of them on CPU, the small ones
+  vector per dtype (``parallel.packed_pmean``: up to 2^18 elements on CPU, up to 4096
   elsewhere). Sums
   divided by the summed weight give the mean over the global batch, also when replicas
   hold different numbers of real tokens."""

@@ -273,7 +273,7 @@ def test_packed_psum_is_psum_bit_for_bit_with_one_operand_for_the_small_leaves(m
   numpy sum over the replicas, not this replica's own values (the wrong variant); the
   compiled all-reduce carries one operand per dtype of small leaves plus the large one,
   where ``psum`` carries one per leaf. By default (``max_size=None``) on CPU, the large
-  leaf is packed too."""
+  leaf (120 elements) is packed too."""
   rng = np.random.RandomState(0)
   local = {"loss": rng.randn(8).astype(np.float32),
            "stats": {"mean": rng.randn(8, 3, 4).astype(np.float32),
@@ -310,7 +310,7 @@ def test_packed_psum_is_psum_bit_for_bit_with_one_operand_for_the_small_leaves(m
       c.count("%") for c in re.findall(r" all-reduce(?:-start)?\((.*?)\), ", hlo))
   assert operands(plain_hlo) == 6
   assert operands(packed_hlo) == 4  # float32, int32, bfloat16 vectors, and "big".
-  # The default on CPU packs every leaf, "big" too: one operand per dtype.
+  # The default on CPU packs leaves up to 2^18 elements, "big" too: one operand per dtype.
   default, default_hlo = compiled(lambda t: effjax.parallel.packed_psum(t, "data"))
   assert effjax.parallel.pack_max_size() == effjax.parallel.CPU_PACK_MAX_SIZE
   assert operands(default_hlo) == 3
