@@ -327,9 +327,8 @@ def _reduce(sums: "_Sums", batch_stats, reduced: bool, dims: tuple = ()):
   than one (CPU: ~7% of the mnist1d CNN step on 8 devices; see BENCHMARKS.md). XLA:CPU
   also meets once per operand of an all-reduce, so the leaves travel packed into one
   vector per dtype (``parallel.packed_pmean``: up to 2^18 elements on CPU, up to 4096
-  elsewhere). Sums
-  divided by the summed weight give the mean over the global batch, also when replicas
-  hold different numbers of real tokens."""
+  elsewhere). Sums divided by the summed weight give the mean over the global batch,
+  also when replicas hold different numbers of real tokens."""
   if not reduced:
     sums, batch_stats = _pmean(sums, batch_stats, dims)
   w = sums.weight

@@ -68,12 +68,11 @@ def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
   dtype = _stats_dtype(x)
   x = x.astype(dtype)
   axes = _axes(x.ndim, reduction_axes)
+  stats_shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
   c = None
   if shift is not None and use_fast_variance:
-    c = jax.lax.stop_gradient(jnp.asarray(shift, dtype))
-    c = jnp.broadcast_to(c, [1 if a in axes else d for a, d in enumerate(x.shape)])
+    c = jnp.broadcast_to(jax.lax.stop_gradient(jnp.asarray(shift, dtype)), stats_shape)
     x = x - c
-  stats_shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
   if mask is None:
     # Every replica of a group holds the same number of examples: the count is known
     # when tracing, so only the sums travel (a stacked count cost XLA:CPU a broadcast,
