@@ -323,7 +323,8 @@ def make_train_step(config, multiplier: int = 1, task: Optional[tasks.Task] = No
                                           models.cross_replica_statistics(
                                               config.model.norm, config.model.bcn_estimated))
                          else "replica"),
-      seed=config.seed)
+      seed=config.seed,
+      recompute_opt_state=config.optimizer.name in optim.ELEMENTWISE_OPTIMIZERS)
 
 
 def _raise_if_nonfinite(runner: Runner, state, config) -> None:

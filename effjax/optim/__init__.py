@@ -1,6 +1,7 @@
 """Optimizers, batch-size scaling rules and learning-rate schedules."""
 
-from effjax.optim.factory import (OPTIMIZERS, WEIGHT_DECAY_MASKS, create_optimizer, decay_mask,
+from effjax.optim.factory import (ELEMENTWISE_OPTIMIZERS, OPTIMIZERS, WEIGHT_DECAY_MASKS,
+                                  create_optimizer, decay_mask,
                                   is_lr_injected, set_learning_rate)
 from effjax.optim.scaling import SCALING_RULES, ema_decay_for_batch, scale_learning_rate
 from effjax.optim.schedules import DECAYS, warmup_schedule

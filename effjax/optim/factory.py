@@ -11,6 +11,10 @@ from effjax.parallel import FSDP_AXIS
 from effjax.optim.schedules import warmup_schedule
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb", "tvlars")
+# Those whose state update reads each element alone (no norms, no collectives), so that
+# computing the new state a second time costs one fused pass (``train_step``'s
+# ``recompute_opt_state``).
+ELEMENTWISE_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 WEIGHT_DECAY_MASKS = ("ndim>1", "all")
 
 
