@@ -55,3 +55,12 @@ def time_interleaved(runs: dict, steps: int, repeats: int) -> dict:
       times.append((time.perf_counter() - t) / steps)
       run[1] = state
   return {k: float(np.median(r[3])) for k, r in runs.items()}
+
+
+def paired_ratio(runs: dict, p: str, q: str) -> float:
+  """The median over repeats of ``p``'s time over ``q``'s in the same repeat, after
+  ``time_interleaved``. The two runs of a repeat are a second or so apart, so a drift of
+  the machine's speed, slower than that, divides out: on the 2-core machine, the ratio of
+  two medians moved by up to 8% between runs of the same code, where this one moved by
+  about 1% (BENCHMARKS.md, twelfth pass)."""
+  return float(np.median(np.asarray(runs[p][3]) / np.asarray(runs[q][3])))
