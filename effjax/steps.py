@@ -387,7 +387,8 @@ def _apply_or_keep(state: TrainState, opt_state, params, loss, norms: _Norms, ol
   computed, and a ``where`` per array keeps the old values. XLA fuses a select into the
   kernel that writes the new array when nothing else reads that array (the parameters);
   an array with another reader (AdamW's moments, read by the update too) is stored and
-  then selected in a pass of its own (BENCHMARKS.md, fifth pass). (A ``lax.cond`` around
+  then selected in a pass of its own (BENCHMARKS.md, fifth pass), unless ``_update``
+  computed the optimizer state a second time for this select (``recompute_opt_state``). (A ``lax.cond`` around
   the update copied the state on every applied step, and ran the update as a nested
   computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.) In
   ``norms``, ``update`` is 0 for a step that was not tried on finite inputs, NaN for
