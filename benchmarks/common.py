@@ -60,7 +60,7 @@ def time_interleaved(runs: dict, steps: int, repeats: int) -> dict:
 def paired_ratio(runs: dict, p: str, q: str) -> float:
   """The median over repeats of ``p``'s time over ``q``'s in the same repeat, after
   ``time_interleaved``. The two runs of a repeat are a second or so apart, so a drift of
-  the machine's speed, slower than that, divides out: on the 2-core machine, the ratio of
-  two medians moved by up to 8% between runs of the same code, where this one moved by
-  about 1% (BENCHMARKS.md, twelfth pass)."""
+  the machine's speed, slower than that, divides out: on the 2-core machine, the LM's
+  ratio of two medians was 0.993-1.082 over runs of the same code, where this one was
+  1.018-1.030 (BENCHMARKS.md, twelfth pass)."""
   return float(np.median(np.asarray(runs[p][3]) / np.asarray(runs[q][3])))
