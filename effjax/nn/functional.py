@@ -95,8 +95,13 @@ def batch_moments(x: jax.Array, reduction_axes: Axes, *, axis_name: Any = None,
     return (count,) + reduce(*sums) if m is None else reduce(count, *sums)
 
   if use_fast_variance:
+    # x^2 is traced before the sum of x, as flax does: in the other order, XLA:CPU fused
+    # the backward pass's per-element work a second time into the transpose that lays
+    # out the gradient for the convolution before it (same maths, traced in another order;
+    # 1.5% of the mnist1d CNN's step, BENCHMARKS.md twelfth pass).
+    sq = jnp.square(x)
     count, s1, s2 = reduce_with_count(jnp.sum(x, axes, keepdims=True),
-                                      jnp.sum(jnp.square(x), axes, keepdims=True))
+                                      jnp.sum(sq, axes, keepdims=True))
     n = jnp.maximum(count, 1)
     mean = s1 / n
     var = jnp.maximum(s2 / n - jnp.square(mean), 0.0)
