@@ -289,8 +289,8 @@ def _time_model(name: str, devices: int):
   # The floors: the faster way of writing the gradients' mean (by median), per model.
   sync = ("b_sync_leaf", "b_sync_packed") if has_bn else ("b_leaf", "b_packed")
   for floor, ways in (("b", ("b_leaf", "b_packed")), ("b_sync", sync)):
-    runs[floor] = runs[min(ways, key=times.get)]  # No BN: (b_sync) is (b), the maths of (a).
-    times[floor] = times[min(ways, key=times.get)]
+    fastest = min(ways, key=times.get)  # No BN: (b_sync) is (b), the maths of (a).
+    runs[floor], times[floor] = runs[fastest], times[fastest]
   n_torch = None
   if FLAGS.torch and name != "lm":  # No PyTorch twin of the LM.
     n_torch = _time_torch(name, spec, batch, steps, repeats, times)

@@ -388,9 +388,9 @@ def _apply_or_keep(state: TrainState, opt_state, params, loss, norms: _Norms, ol
   kernel that writes the new array when nothing else reads that array (the parameters);
   an array with another reader (AdamW's moments, read by the update too) is stored and
   then selected in a pass of its own (BENCHMARKS.md, fifth pass), unless ``_update``
-  computed the optimizer state a second time for this select (``recompute_opt_state``). (A ``lax.cond`` around
-  the update copied the state on every applied step, and ran the update as a nested
-  computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.) In
+  computed the optimizer state a second time for this select (``recompute_opt_state``).
+  (A ``lax.cond`` around the update copied the state on every applied step, and ran the
+  update as a nested computation: 2.7% of the 8-device CNN step, BENCHMARKS.md.) In
   ``norms``, ``update`` is 0 for a step that was not tried on finite inputs, NaN for
   non-finite inputs, and ``param`` is the norm of the parameters kept.
   """
@@ -481,11 +481,13 @@ def train_step(state: TrainState, batch: dict, task: Task = CLASSIFICATION,
     recompute_opt_state: compute the optimizer's new state twice, once for the update
       and once for the state kept (``_update``), so that it is written once, where the
       guard decides whether to keep it, instead of stored and then copied by the guard.
-      The numbers are the same. It pays for optimizers whose state update is elementwise
+      The numbers are the same up to float32 rounding (XLA may contract a multiply-add
+      into an FMA in one of the two computations and not in the other). It pays for
+      optimizers whose state update is elementwise
       (``effjax.optim.ELEMENTWISE_OPTIMIZERS``: SGD, momentum, AdamW; the LM's step is
-      about 1% faster on 8 CPU devices, BENCHMARKS.md); for those that take norms (LARS,
-      LAMB) it would take them twice, with their collectives under FSDP. The trainer
-      sets it from ``optimizer.name``.
+      1-1.5% faster on 8 CPU devices, BENCHMARKS.md twelfth pass); for those that take
+      norms (LARS, LAMB) it would take them twice, with their collectives under FSDP.
+      The trainer sets it from ``optimizer.name``.
 
   Returns:
     ``(new_state, metrics)``; the metrics are replica-identical scalars: ``train/loss``,
